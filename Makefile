@@ -1,0 +1,38 @@
+# make demo: create .venv if missing, install, run the sample recipe end to end.
+# make test: create .venv if missing, install with dev extras, run the test suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU build and installed before the package, so no range can pull a CUDA build
+TORCH := torch==2.13.0
+
+.PHONY: demo test install install-dev sample clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/deploytool run recipes/digits-cnn.toml --out runs/digits-cnn --force
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+# retrain the digits sample (needs scikit-learn, in the dev extras) and rewrite its data splits
+sample: install-dev
+	$(BIN)/python -m samples.digits.train
+
+clean:
+	rm -rf runs .pytest_cache

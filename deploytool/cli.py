@@ -1,0 +1,325 @@
+"""The deploytool command line: a thin layer over the library, and the only place that exits.
+
+Exit codes: 0 every gate passed, 1 a gate failed, 2 user error, 3 a stage failed otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploytool import __version__
+from deploytool.errors import DeployError, GateFailure, UserError
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = 140  # logs and CI output: do not squeeze tables into 80 columns
+    return console
+
+
+class DeployGroup(click.Group):
+    """Turns library errors into one line (two with a hint) and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeployError as exc:
+            debug = bool(ctx.meta.get("deploytool.debug"))
+            if debug:
+                traceback.print_exc()
+            label = "FAILED" if isinstance(exc, GateFailure) else "error"
+            click.echo(f"{label}: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug or an unexpected failure: still one line and exit 3
+            if ctx.meta.get("deploytool.debug"):
+                traceback.print_exc()
+            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            click.echo("hint: rerun with --debug for the traceback", err=True)
+            ctx.exit(3)
+
+
+@click.group(cls=DeployGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deploytool")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Turn a PyTorch checkpoint into a smaller, faster ONNX model that is verified against the original.
+
+    Exit codes: 0 all gates passed, 1 a gate failed, 2 user error (bad recipe, file or data),
+    3 a stage failed for another reason (details in the run log).
+    """
+    ctx.meta["deploytool.debug"] = debug
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists", "pass --force to overwrite it")
+    if not path.parent.exists():
+        raise UserError(f"output folder {path.parent} does not exist")
+
+
+def _print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(*header, title=title)
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
+
+
+def _exit_on_gates(report: dict[str, Any]) -> None:
+    failed = [g for g in report["gates"] if not g["passed"]]
+    if failed:
+        detail = ", ".join(f"{g['name']} on {g['model']} (value {g['value']}, threshold {g['threshold']})" for g in failed)
+        raise GateFailure(f"{len(failed)} gate(s) failed: {detail}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run folder (default: runs/<recipe name>).")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help="Override a recipe value (TOML syntax); repeatable.")
+@click.option("--force", is_flag=True, help="Replace the results in an existing run folder.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit without running anything.")
+def run(recipe: Path, out_dir: Path | None, overrides: tuple[str, ...], force: bool, dry_run: bool) -> None:
+    """Run a recipe end to end: load, export, simplify, quantize, verify, report."""
+    from deploytool.recipe import load_recipe
+
+    resolved = load_recipe(recipe, list(overrides))
+    if dry_run:
+        click.echo(f"# resolved recipe (relative paths are relative to {resolved.base_dir})")
+        click.echo(resolved.to_toml(), nl=False)
+        return
+    from deploytool.pipeline import run_recipe
+    from deploytool.progress import RichProgress
+    from deploytool.stages.report import gate_rows, summary_rows
+
+    out_dir = out_dir or Path("runs") / resolved.name
+    result = run_recipe(resolved, out_dir, force=force, progress=RichProgress(_console(stderr=True)))
+    _print_table(*summary_rows(result.report), title=f"{resolved.name}")
+    if result.report["gates"]:
+        _print_table(*gate_rows(result.report), title="gates")
+    for note in result.report.get("notes", []):
+        click.echo(f"note: {note}")
+    click.echo(f"artifacts and report in {out_dir}")
+    _exit_on_gates(result.report)
+    click.echo("PASSED")
+
+
+def _parse_input(text: str) -> dict[str, Any]:
+    """'image:batch,1,8,8[:float32]' -> an input spec dict."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise UserError(f"--input {text!r}: expected NAME:DIM,DIM,...[:DTYPE]", "example: --input image:batch,1,8,8:float32")
+    dims: list[int | str] = [int(d) if d.strip().lstrip("-").isdigit() else d.strip() for d in parts[1].split(",")]
+    spec: dict[str, Any] = {"name": parts[0], "shape": dims}
+    if len(parts) == 3:
+        spec["dtype"] = parts[2]
+    return spec
+
+
+def _sample_for(specs: list[Any], data: Path | None, count: int = 2) -> Any:
+    from deploytool.data import load_dataset, random_dataset
+
+    return (load_dataset(data, specs) if data else random_dataset(specs, count)).head(count)
+
+
+def _validated(model_cls: Any, **values: Any) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"invalid option {where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+@cli.command()
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--factory", required=True, help="module:callable or path/to/file.py:callable building the model.")
+@click.option("--input", "inputs", required=True, multiple=True, metavar="NAME:DIMS[:DTYPE]", help="Model input, e.g. image:batch,1,8,8:float32; repeatable.")
+@click.option("--output-name", "outputs", required=True, multiple=True, help="Name of an output, in order; repeatable.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--opset", default=18, show_default=True, type=int)
+@click.option("--static-batch", is_flag=True, help="Fix the batch axis instead of making it dynamic.")
+@click.option("--data", type=click.Path(path_type=Path), help="Sample inputs (.npz) for tracing and the numeric check.")
+@click.option("--simplify/--no-simplify", default=True, show_default=True, help="Run onnxsim with a numeric check.")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], out: Path, opset: int,
+           static_batch: bool, data: Path | None, simplify: bool, force: bool) -> None:
+    """Export a checkpoint (state_dict) to a checked ONNX file."""
+    import tempfile
+
+    from deploytool.recipe import ExportConfig, ModelConfig, SimplifyConfig
+    from deploytool.stages.export import export_onnx
+    from deploytool.stages.load import load_model
+
+    model_cfg = _validated(ModelConfig, factory=factory, checkpoint=str(checkpoint) if checkpoint else None,
+                           inputs=[_parse_input(t) for t in inputs], outputs=list(outputs))
+    cfg = _validated(ExportConfig, opset=opset, dynamic_batch=not static_batch)
+    _check_output(out, force)
+    model = load_model(factory, checkpoint, Path.cwd())
+    sample = _sample_for(model_cfg.inputs, data)
+    if not simplify:
+        record = export_onnx(model, model_cfg.inputs, model_cfg.outputs, cfg, sample, out)
+    else:
+        from deploytool.stages.simplify import simplify_onnx
+
+        with tempfile.TemporaryDirectory(prefix="deploytool-") as tmp:
+            raw = Path(tmp) / "exported.onnx"
+            record = export_onnx(model, model_cfg.inputs, model_cfg.outputs, cfg, sample, raw)
+            simplified = simplify_onnx(raw, out, SimplifyConfig(), sample)
+            record.notes.extend(simplified.notes)
+    for note in record.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out} ({record.exporter} exporter, opset {record.opset}, max abs error vs PyTorch {record.max_abs_error:.3g})")
+
+
+@cli.command(name="simplify")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Inputs (.npz) for the numeric check (default: seeded random).")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+def simplify_cmd(model: Path, out: Path, data: Path | None, force: bool) -> None:
+    """Simplify an ONNX file with onnxsim, checking that outputs do not change."""
+    from deploytool.recipe import SimplifyConfig
+    from deploytool.stages.inspect import input_specs
+    from deploytool.stages.simplify import simplify_onnx
+
+    specs = input_specs(model)
+    _check_output(out, force)
+    record = simplify_onnx(model, out, SimplifyConfig(), _sample_for(specs, data))
+    for note in record.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out}: {record.nodes_before} -> {record.nodes_after} nodes, max abs error {record.max_abs_error:.3g}")
+
+
+@cli.command(name="quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data (.npz keyed by input name, or a folder).")
+@click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True)
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True)
+@click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="7-bit weights; auto turns it on for CPUs without int8 dot-product instructions.")
+@click.option("--exclude", "exclude_nodes", multiple=True, help="Node name to keep in float; repeatable.")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+def quantize_cmd(model: Path, out: Path, calibration: Path | None, mode: str, fmt: str, method: str, per_channel: bool,
+                 activation_type: str, weight_type: str, reduce_range: str, exclude_nodes: tuple[str, ...], force: bool) -> None:
+    """Quantize an ONNX file to int8 with ONNX Runtime (static with calibration data, or dynamic)."""
+    from deploytool.data import load_dataset
+    from deploytool.recipe import QuantizeConfig
+    from deploytool.stages.inspect import input_specs
+    from deploytool.stages.quantize import quantize_onnx
+
+    specs = input_specs(model)
+    if mode == "static" and calibration is None:
+        raise UserError("static quantization needs --calibration data", "or use --mode dynamic")
+    cfg = _validated(QuantizeConfig, mode=mode, format=fmt, calibration_method=method, per_channel=per_channel,
+                     activation_type=activation_type, weight_type=weight_type,
+                     reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range], exclude_nodes=list(exclude_nodes))
+    _check_output(out, force)
+    data = load_dataset(calibration, specs) if calibration else None
+    batch = 16 if isinstance(specs[0].shape[0], str) else 1
+    record = quantize_onnx(model, out, cfg, data, batch)
+    for note in record.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out} ({mode}, reduce_range={record.settings['reduce_range']}: {record.settings['reduce_range_reason']})")
+
+
+@cli.command(name="verify")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Validation data (.npz; may hold labels). Default: seeded random inputs.")
+@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="generic", show_default=True)
+@click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE", help="e.g. min_cosine=0.99, max_accuracy_drop=0.01; repeatable.")
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--runs", default=100, show_default=True, type=int, help="Timed runs per model.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics and gates as JSON here.")
+def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None, task: str, gates: tuple[str, ...],
+               threads: int, runs: int, json_out: Path | None) -> None:
+    """Compare candidate ONNX models with a reference ONNX model; exit 1 if a gate fails."""
+    from deploytool.data import load_dataset, random_dataset
+    from deploytool.recipe import GatesConfig, VerifyConfig
+    from deploytool.runners import OrtRunner
+    from deploytool.stages.inspect import input_specs
+    from deploytool.stages.report import gate_rows
+    from deploytool.stages.verify import verify_models
+
+    gate_values: dict[str, Any] = {}
+    for text in gates:
+        name, sep, value = text.partition("=")
+        try:
+            gate_values[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--gate {text!r}: expected NAME=NUMBER", f"gates: {', '.join(GatesConfig.model_fields)}") from None
+    cfg = _validated(VerifyConfig, threads=threads, runs=runs, gates=_validated(GatesConfig, **gate_values))
+    specs = input_specs(reference)
+    dataset = load_dataset(data, specs) if data else random_dataset(specs, 64)
+    ref_runner = OrtRunner("reference", reference, threads)
+    names = [p.stem if p.stem != reference.stem else str(p) for p in candidates]
+    runners = [OrtRunner(name, path, threads) for name, path in zip(names, candidates)]
+    sizes = {"reference": reference.stat().st_size, **{n: p.stat().st_size for n, p in zip(names, candidates)}}
+    result = verify_models(ref_runner, runners, dataset, task, cfg, sizes)
+    report = {"passed": result.passed, "gates": [g.as_dict() for g in result.gates], "metrics": result.metrics, "notes": result.notes}
+    header = ["model", "cosine mean", "max abs err", "snr dB", "top-1 agree", "p50 ms", "speedup"]
+    rows = [
+        [name, *(f"{m[k]:.5g}" if isinstance(m.get(k), float) else "-" for k in ("cosine_mean", "max_abs_error", "snr_db", "top1_agreement")),
+         f"{m.get('latency_ms', {}).get('p50', float('nan')):.3f}", f"{m.get('speedup', float('nan')):.2f}x"]
+        for name, m in result.metrics.items()
+    ]
+    _print_table(header, rows, title="verify")
+    if result.gates:
+        _print_table(*gate_rows(report), title="gates")
+    if json_out:
+        from deploytool.artifacts import write_text
+        from deploytool.pipeline import _finite
+
+        write_text(json_out, json.dumps(_finite(report), indent=2) + "\n")
+    _exit_on_gates(report)
+    click.echo("PASSED")
+
+
+@cli.command(name="inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cmd(model: Path, as_json: bool) -> None:
+    """Show an ONNX file's opset, inputs and outputs, operator histogram, parameters and size."""
+    from deploytool.stages.inspect import inspect_onnx
+
+    info = inspect_onnx(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['size_bytes'] / 1024:.1f} KB, {info['params']:,} parameters, {info['nodes']} nodes"
+               f"{', quantized' if info['quantized'] else ''}")
+    click.echo("opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f"; producer: {info['producer'] or '-'}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            click.echo(f"{kind[:-1]:<7} {v['name']}: {v['dtype']} {v['shape']}")
+    _print_table(["op", "count"], [[op, str(n)] for op, n in info["ops"].items()], title="operators")
+
+
+def main() -> None:
+    cli(prog_name="deploytool")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

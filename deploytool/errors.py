@@ -1,0 +1,36 @@
+"""The three ways a run can end badly, each with its documented exit code."""
+
+from __future__ import annotations
+
+
+class DeployError(Exception):
+    """Base class: a message for the user and the exit code it maps to."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UserError(DeployError):
+    """Bad recipe, missing or malformed file, data that does not match the model (exit 2)."""
+
+    exit_code = 2
+
+
+class GateFailure(DeployError):
+    """A verification gate failed; artifacts and report are still written (exit 1)."""
+
+    exit_code = 1
+
+
+class StageError(DeployError):
+    """A stage failed for a reason other than user input (exit 3); traceback in run.log."""
+
+    exit_code = 3
+
+    def __init__(self, stage: str, message: str, hint: str | None = None) -> None:
+        super().__init__(f"{stage} stage failed: {message}", hint)
+        self.stage = stage

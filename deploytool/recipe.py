@@ -1,0 +1,230 @@
+"""Recipe schema (pydantic, unknown keys are errors), TOML loading and --set overrides.
+
+Relative paths in a recipe resolve against the folder that holds the recipe file, so a
+recipe runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deploytool.errors import UserError
+
+DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(Strict):
+    """One model input: its name, shape (strings are dynamic axes) and dtype."""
+
+    name: str = Field(min_length=1)
+    shape: list[int | str] = Field(min_length=1)
+    dtype: DType = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dims(cls, shape: list[int | str]) -> list[int | str]:
+        for dim in shape:
+            if isinstance(dim, int) and dim <= 0:
+                raise ValueError(f"dimension {dim} must be positive (use a name such as 'batch' for a dynamic axis)")
+        return shape
+
+
+class ModelConfig(Strict):
+    factory: str = Field(description="module:callable or path/to/file.py:callable building the nn.Module")
+    checkpoint: str | None = Field(None, description="state_dict as .pt/.pth (loaded weights_only) or .safetensors")
+    inputs: list[InputSpec] = Field(min_length=1)
+    outputs: list[str] = Field(min_length=1)
+
+    @field_validator("factory")
+    @classmethod
+    def _has_callable(cls, factory: str) -> str:
+        module, sep, attr = factory.rpartition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"'{factory}' must look like 'package.module:callable' or 'path/to/file.py:callable'")
+        return factory
+
+
+class DataConfig(Strict):
+    calibration: str | None = None
+    validation: str | None = None
+    task: Literal["classification", "embedding", "regression", "generic"] = "classification"
+    labels: str = Field("labels", description="key of the labels array in validation data")
+
+
+class ExportConfig(Strict):
+    opset: int = Field(18, ge=9, le=23)
+    dynamic_batch: bool = True
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0)
+
+
+class SimplifyConfig(Strict):
+    enabled: bool = True
+    atol: float = Field(1e-5, ge=0)
+    rtol: float = Field(1e-4, ge=0)
+
+
+class QuantizeConfig(Strict):
+    mode: Literal["static", "dynamic", "none"] = "static"
+    format: Literal["qdq", "qoperator"] = "qdq"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int | None = Field(None, ge=1, description="use at most this many calibration samples")
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    reduce_range: bool | Literal["auto"] = "auto"
+    op_types: list[str] | None = None
+    exclude_nodes: list[str] = []
+    preprocess: bool = True
+
+
+class GatesConfig(Strict):
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    min_cosine: float | None = Field(None, ge=-1, description="mean cosine similarity to the reference outputs")
+    min_speedup: float | None = Field(None, gt=0, description="reference p50 latency / candidate p50 latency")
+    max_size_ratio: float | None = Field(None, gt=0, description="candidate file size / reference checkpoint size")
+
+
+class VerifyConfig(Strict):
+    threads: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1, description="batch size for accuracy and error metrics")
+    latency_batch: int = Field(1, ge=1, description="batch size for latency measurement")
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(100, ge=1)
+    gates: GatesConfig = GatesConfig()
+
+
+class Recipe(Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    export: ExportConfig = ExportConfig()
+    simplify: SimplifyConfig | None = None
+    quantize: QuantizeConfig | None = None
+    verify: VerifyConfig | None = None
+
+    base_dir: Path = Field(Path("."), exclude=True, description="folder relative paths resolve against")
+
+    def resolve(self, path: str | Path) -> Path:
+        """A recipe path made absolute against the recipe's folder."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> tuple[str, str | None]:
+    """('quantize', 'per_chanel') -> ('[quantize]', 'per_chanel'); list indices become [i]."""
+    table: list[str] = []
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            table[-1] = f"{table[-1]}[{part}]" if table else f"[{part}]"
+        else:
+            table.append(str(part))
+    key = loc[-1] if loc else None
+    where = f"[{'.'.join(table)}]" if table else "the top level"
+    return where, None if key is None else str(key)
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return [] if model is None else [k for k in model.model_fields if k != "base_dir"]
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _user_error(source: str, exc: ValidationError) -> UserError:
+    messages: list[str] = []
+    hint = None
+    for err in exc.errors():
+        where, key = _format_loc(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            messages.append(f"unknown key '{key}' in {where}")
+            if hint is None:
+                known = _known_keys(tuple(err["loc"][:-1]))
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        elif err["type"] == "missing":
+            messages.append(f"missing key '{key}' in {where}")
+        else:
+            messages.append(f"{where} {key}: {err['msg']} (got {err.get('input')!r})")
+    return UserError(f"{source}: " + "; ".join(messages), hint)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'verify.gates.min_cosine=0.99' -> (['verify', 'gates', 'min_cosine'], 0.99); values are TOML."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise UserError(f"--set {text!r}: expected TABLE.KEY=VALUE", "example: --set verify.gates.min_cosine=0.99")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: '{part}' is a value, not a table")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem is a UserError naming the key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe {path}: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    data.pop("base_dir", None)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _user_error(str(path), exc) from None
+    recipe.base_dir = path.resolve().parent
+    return recipe

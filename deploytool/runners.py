@@ -1,0 +1,138 @@
+"""One inference interface for PyTorch and ONNX Runtime models, used for accuracy and latency."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from deploytool.data import Dataset
+from deploytool.errors import UserError
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+
+class Runner(Protocol):
+    name: str
+    output_names: list[str]
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class TorchRunner:
+    """Eager PyTorch; forward(*inputs) in the order of the input specs."""
+
+    def __init__(self, name: str, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str]):
+        self.name = name
+        self.model = model.eval()
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            result = self.model(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names))
+        return [t.detach().numpy() for t in flatten_outputs(result, self.output_names)]
+
+
+def flatten_outputs(result: object, names: Sequence[str]) -> list[torch.Tensor]:
+    """A forward() result (tensor, tuple/list or dict of tensors) as a list in output order."""
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        outputs = [result]
+    elif isinstance(result, Mapping):
+        outputs = [result[n] for n in names] if all(n in result for n in names) else list(result.values())
+    elif isinstance(result, (tuple, list)):
+        outputs = list(result)
+    else:
+        raise UserError(f"the model's forward() returned {type(result).__name__}; expected tensors")
+    if len(outputs) != len(names):
+        raise UserError(
+            f"the model returns {len(outputs)} output(s) but [model] outputs names {len(names)}: {list(names)}"
+        )
+    return outputs
+
+
+def session_options(threads: int) -> onnxruntime.SessionOptions:
+    """Deploy-time session options: pinned intra-op threads, sequential execution, full graph optimization."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class OrtRunner:
+    """An ONNX Runtime CPU session."""
+
+    def __init__(self, name: str, path: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.name = name
+        self.path = path
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            raise UserError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def batch_dim(self) -> int | None:
+        """The fixed batch size of the first input, or None when the batch axis is dynamic."""
+        dim = self.session.get_inputs()[0].shape[0] if self.session.get_inputs()[0].shape else None
+        return dim if isinstance(dim, int) else None
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {n: feeds[n] for n in self.input_names})
+
+
+def infer_dataset(runner: Runner, dataset: Dataset, batch_size: int) -> list[np.ndarray]:
+    """All outputs of a runner over a dataset, concatenated along the sample axis."""
+    chunks: list[list[np.ndarray]] = [runner.infer(batch) for batch in dataset.batches(batch_size)]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+@dataclass
+class Latency:
+    samples_ms: list[float]
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.samples_ms, q))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "p50": round(self.percentile(50), 4),
+            "p90": round(self.percentile(90), 4),
+            "p99": round(self.percentile(99), 4),
+            "mean": round(float(np.mean(self.samples_ms)), 4),
+        }
+
+
+def measure_latency(
+    runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], warmup: int, runs: int, progress: object = None
+) -> dict[str, Latency]:
+    """Interleaved latency: each round times every runner once, rotating the order between rounds."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.infer(feeds)
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    rounds = range(runs) if progress is None else progress.track(range(runs), runs, "measuring latency")  # type: ignore[attr-defined]
+    for i in rounds:
+        k = i % len(runners)
+        for runner in [*runners[k:], *runners[:k]]:
+            start = time.perf_counter()
+            runner.infer(feeds)
+            samples[runner.name].append((time.perf_counter() - start) * 1000.0)
+    return {name: Latency(values) for name, values in samples.items()}

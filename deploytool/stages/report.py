@@ -1,0 +1,137 @@
+"""report: report.json (stable keys), report.md and a self-contained report.html."""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from deploytool.artifacts import write_text
+from deploytool.hardware import cpu_info
+
+
+def environment(threads: int | None) -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for package in ("deploytool", "torch", "onnx", "onnxruntime", "onnxsim", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"versions": versions, "platform": sys.platform, "cpu": cpu_info(), "threads": threads}
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per model: the table shown on the terminal and in the Markdown/HTML reports."""
+    header = ["model", "size (KB)", "accuracy", "top-1 agree", "cosine mean", "max abs err", "p50 ms", "p90 ms", "speedup"]
+    rows = []
+    for name, metrics in report["metrics"].items():
+        model = report["models"].get(name, {})
+        latency = metrics.get("latency_ms", {})
+        rows.append(
+            [
+                name,
+                _fmt(model["size_bytes"] / 1024, 1) if "size_bytes" in model else "-",
+                _fmt(metrics.get("accuracy")),
+                _fmt(metrics.get("top1_agreement")),
+                _fmt(metrics.get("cosine_mean"), 5),
+                _fmt(metrics.get("max_abs_error"), 5),
+                _fmt(latency.get("p50"), 3),
+                _fmt(latency.get("p90"), 3),
+                _fmt(metrics.get("speedup"), 2) + ("x" if "speedup" in metrics else ""),
+            ]
+        )
+    return header, rows
+
+
+def gate_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["gate", "model", "value", "threshold", "verdict"]
+    rows = [
+        [g["name"], g["model"], _fmt(g["value"], 5), _fmt(g["threshold"], 5), "pass" if g["passed"] else "FAIL"]
+        for g in report["gates"]
+    ]
+    return header, rows
+
+
+def _stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    return ["stage", "status", "seconds"], [[s["name"], s["status"], f"{s['seconds']:.2f}"] for s in report["stages"]]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"fail" if c == "FAIL" else ""}">{html.escape(c)}</td>' for c in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    return [("Models", summary_rows(report)), ("Gates", gate_rows(report)), ("Stages", _stage_rows(report))]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    cpu = report["environment"]["cpu"]
+    parts = [
+        f"# deploytool report: {report['name']}",
+        f"**Verdict: {verdict}**",
+        "Speedup is the reference (PyTorch) p50 latency divided by the model's p50; "
+        f"latency measured at batch {report.get('latency_batch', 1)} with {report['environment']['threads']} thread(s), "
+        "models interleaved.",
+    ]
+    for title, (header, rows) in _sections(report):
+        parts += [f"## {title}", _markdown_table(header, rows)]
+    if report.get("notes"):
+        parts += ["## Notes", "\n".join(f"- {n}" for n in report["notes"])]
+    parts += [
+        "## Environment",
+        f"CPU: {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores; ISA: {', '.join(cpu['isa']) or 'none detected'})  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["environment"]["versions"].items()),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th:first-child,td:first-child{text-align:left}"
+    "th{background:#f3f3f3}.fail{color:#b00;font-weight:bold}.verdict-pass{color:#070}.verdict-fail{color:#b00}"
+)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    body = [f"<h1>deploytool report: {html.escape(report['name'])}</h1>"]
+    body.append(f'<p class="verdict-{"pass" if report["passed"] else "fail"}"><strong>Verdict: {verdict}</strong></p>')
+    for title, (header, rows) in _sections(report):
+        body += [f"<h2>{title}</h2>", _html_table(header, rows)]
+    if report.get("notes"):
+        body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in report["notes"]), "</ul>"]
+    cpu = report["environment"]["cpu"]
+    body.append(f"<h2>Environment</h2><p>{html.escape(str(cpu['model']))}; ISA: {html.escape(', '.join(cpu['isa']))}</p>")
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(report['name'])}</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> None:
+    write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
+    write_text(out_dir / "report.md", render_markdown(report))
+    write_text(out_dir / "report.html", render_html(report))
