@@ -185,7 +185,77 @@ def _write_failed_report(run: _Run) -> None:
         log.exception("could not write the report of a failed run")
 
 
+def _prune_and_distill(
+    run: _Run | None, model: Any, calibration: Any, validation: Any, sample: Any, recipe: Recipe | None = None
+) -> Any:
+    """The PyTorch-side stages; returns the model to export. With run=None nothing is written (torchrun followers)."""
+    from contextlib import nullcontext
+
+    from deploytool.data import load_dataset
+
+    recipe = run.recipe if run else recipe
+    assert recipe is not None
+    specs = recipe.model.inputs
+    task = recipe.data.task
+    stage = run.stage if run else (lambda name: nullcontext())
+    final = model
+    if recipe.prune:
+        from deploytool.stages.prune import prune_model, save_model
+
+        with stage("prune"):
+            final, record = prune_model(model, specs, recipe.prune, calibration or validation or sample, task,
+                                        run.progress if run else None)
+            if run:
+                save_model(final, run.out_dir / "pruned.safetensors")
+                run.models["reference"]["macs"] = record.macs_before
+                run.models["pruned"] = {**describe(run.out_dir / "pruned.safetensors"), "params": record.params_after,
+                                        "macs": record.macs_after}
+                run.details["prune"] = record.as_dict()
+                run.notes.extend(record.notes)
+    elif run:
+        run.skip("prune")
+    if recipe.distill:
+        from deploytool.stages.distill import distill
+        from deploytool.stages.load import load_model
+
+        cfg = recipe.distill
+        with stage("distill"):
+            train = load_dataset(recipe.resolve(cfg.train), specs, recipe.data.labels) if cfg.train else calibration
+            val = load_dataset(recipe.resolve(cfg.validation), specs, recipe.data.labels) if cfg.validation else validation
+            if train is None:
+                raise UserError("[distill] needs training data", "set [distill] train or [data] calibration")
+            student = final
+            if cfg.student_factory:
+                ckpt = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
+                student = load_model(cfg.student_factory, ckpt, recipe.base_dir)
+            final, drecord = distill(model, student, specs, train, val or train, task, cfg, run.progress if run else None)
+            if run:
+                save_model(final, run.out_dir / "distilled.safetensors")
+                run.models["distilled"] = {**describe(run.out_dir / "distilled.safetensors"),
+                                           "params": sum(p.numel() for p in final.parameters())}
+                run.details["distill"] = drecord.as_dict()
+    elif run:
+        run.skip("distill")
+    return final
+
+
+def follow_recipe(recipe: Recipe) -> None:
+    """A non-zero torchrun rank: take part in distillation, write nothing."""
+    from deploytool.data import load_dataset, random_dataset
+    from deploytool.stages.load import load_model
+
+    specs = recipe.model.inputs
+    checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
+    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir)
+    calibration = load_dataset(recipe.resolve(recipe.data.calibration), specs, recipe.data.labels) if recipe.data.calibration else None
+    validation = load_dataset(recipe.resolve(recipe.data.validation), specs, recipe.data.labels) if recipe.data.validation else None
+    sample = (validation or calibration or random_dataset(specs, 2)).head(2)
+    _prune_and_distill(None, model, calibration, validation, sample, recipe)
+
+
 def _execute(run: _Run) -> dict[str, Any]:
+    import torch
+
     from deploytool.data import Dataset, load_dataset, random_dataset
     from deploytool.stages.load import load_model
 
@@ -203,18 +273,27 @@ def _execute(run: _Run) -> dict[str, Any]:
                 raise UserError(
                     f"{validation.source}: no '{recipe.data.labels}' array, but gate max_accuracy_drop needs labels"
                 )
-        params = sum(p.numel() for p in model.parameters())
+        from deploytool.stages.prune import count_macs
+
+        example = tuple(torch.from_numpy(a[:1]) for a in (validation or calibration or random_dataset(specs, 1)).feeds.values())
+        macs, params = count_macs(model, example)
         if checkpoint is not None:
-            run.models["reference"] = {**describe(checkpoint), "params": params}
+            run.models["reference"] = {**describe(checkpoint), "params": params, "macs": macs}
         else:
-            run.models["reference"] = {"path": None, "size_bytes": params * 4, "sha256": None, "params": params}
+            run.models["reference"] = {"path": None, "size_bytes": params * 4, "sha256": None, "params": params, "macs": macs}
     sample: Dataset = (validation or calibration or random_dataset(specs, 2)).head(2)
+    final = _prune_and_distill(run, model, calibration, validation, sample)
+    final_macs = macs if final is model else count_macs(final, example)[0]
 
     from deploytool.stages.export import export_onnx
 
     exported = out / "model.exported.onnx" if recipe.simplify and recipe.simplify.enabled else out / "model.onnx"
     with run.stage("export"):
-        record = export_onnx(model, specs, outputs, recipe.export, sample, exported)
+        record = export_onnx(final, specs, outputs, recipe.export, sample, exported)
+        unpruned = None
+        if final is not model:  # the original in ONNX too, so pruning's effect on ORT latency is measured
+            unpruned = out / "model.unpruned.onnx"
+            export_onnx(model, specs, outputs, recipe.export, sample, unpruned)
         run.notes.extend(record.notes)
         run.details["export"] = {"exporter": record.exporter, "opset": record.opset, "max_abs_error": record.max_abs_error}
 
@@ -234,7 +313,7 @@ def _execute(run: _Run) -> dict[str, Any]:
             }
     else:
         run.skip("simplify")
-    run.models["fp32"] = {**describe(fp32), "params": _onnx_params(fp32)}
+    run.models["fp32"] = {**describe(fp32), "params": _onnx_params(fp32), "macs": final_macs}
 
     candidates = [("fp32", fp32)]
     if recipe.quantize and recipe.quantize.mode != "none":
@@ -267,8 +346,13 @@ def _execute(run: _Run) -> dict[str, Any]:
                 run.notes.append(f"no validation data: verified on {dataset.source}")
             reference = TorchRunner("reference", model, [s.name for s in specs], outputs)
             runners = [OrtRunner(name, path, recipe.verify.threads) for name, path in candidates]
+            extra = [OrtRunner("unpruned_fp32", unpruned, recipe.verify.threads)] if unpruned else []
+            if unpruned:
+                run.models["unpruned_fp32"] = describe(unpruned)
             sizes = {name: m["size_bytes"] for name, m in run.models.items()}
-            result = verify_models(reference, runners, dataset, recipe.data.task, recipe.verify, sizes, run.progress)
+            result = verify_models(
+                reference, runners, dataset, recipe.data.task, recipe.verify, sizes, run.progress, extra=extra
+            )
             run.notes.extend(result.notes)
         fp32_p50 = result.metrics["fp32"].get("latency_ms", {}).get("p50")
         int8_p50 = result.metrics.get("int8", {}).get("latency_ms", {}).get("p50")

@@ -60,6 +60,44 @@ class DataConfig(Strict):
     labels: str = Field("labels", description="key of the labels array in validation data")
 
 
+class PruneConfig(Strict):
+    method: Literal["channel", "magnitude"] = "channel"
+    ratio: float = Field(0.5, gt=0, lt=1, description="fraction of channels (channel) or weights (magnitude) removed")
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    round_to: int | None = Field(8, ge=1, description="keep channel counts multiples of this")
+    iterative_steps: int = Field(1, ge=1)
+    global_pruning: bool = False
+    scope: Literal["global", "layer"] = Field("global", description="magnitude pruning: one threshold or one per layer")
+    ignore: list[str] = Field([], description="layer names or glob patterns never pruned (output heads always are)")
+    sensitivity: bool = Field(False, description="scan each layer alone at scan_ratios and report the table")
+    scan_ratios: list[float] = [0.25, 0.5, 0.75]
+
+    @field_validator("scan_ratios")
+    @classmethod
+    def _ratios(cls, ratios: list[float]) -> list[float]:
+        if not ratios or not all(0 < r < 1 for r in ratios):
+            raise ValueError("scan ratios must be between 0 and 1 (exclusive)")
+        return ratios
+
+
+class DistillConfig(Strict):
+    train: str | None = Field(None, description="training data; default [data] calibration")
+    validation: str | None = Field(None, description="early-stopping data; default [data] validation")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss when labels exist")
+    loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without improvement")
+    seed: int = 0
+    student_factory: str | None = Field(None, description="train this model instead of the pruned one")
+    student_checkpoint: str | None = None
+
+
 class ExportConfig(Strict):
     opset: int = Field(18, ge=9, le=23)
     dynamic_batch: bool = True
@@ -110,6 +148,8 @@ class Recipe(Strict):
     description: str = ""
     model: ModelConfig
     data: DataConfig = DataConfig()
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
     export: ExportConfig = ExportConfig()
     simplify: SimplifyConfig | None = None
     quantize: QuantizeConfig | None = None

@@ -81,6 +81,26 @@ def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     return state
 
 
+def read_layer_sizes(path: Path) -> dict[str, Any] | None:
+    """The layer widths a pruned .safetensors checkpoint carries in its metadata, if any."""
+    import json
+
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    from deploytool.stages.prune import METADATA_KEY
+
+    with safe_open(str(path), framework="pt") as fh:
+        text = (fh.metadata() or {}).get(METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise UserError(f"checkpoint {path}: its layer-size metadata is not valid JSON") from None
+
+
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict) with missing, unexpected and mis-shaped keys named."""
     own = model.state_dict()
@@ -113,5 +133,11 @@ def load_model(factory: str, checkpoint: Path | None, base_dir: Path) -> torch.n
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
-        load_weights(model, read_state_dict(checkpoint), str(checkpoint))
+        state = read_state_dict(checkpoint)
+        sizes = read_layer_sizes(checkpoint)
+        if sizes is not None:  # a pruned model: resize the factory's layers to the saved widths first
+            from deploytool.stages.prune import apply_layer_sizes
+
+            apply_layer_sizes(model, sizes, dict(state))
+        load_weights(model, state, str(checkpoint))
     return model.eval()

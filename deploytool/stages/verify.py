@@ -105,14 +105,17 @@ def verify_models(
     cfg: VerifyConfig,
     sizes: dict[str, int] | None = None,
     progress: Progress | None = None,
+    extra: Sequence[Runner] = (),
 ) -> VerifyResult:
-    """Outputs, task metrics, interleaved latency and gates for each candidate against the reference."""
+    """Outputs, task metrics, interleaved latency and gates for each candidate against the reference.
+
+    `extra` runners are measured like candidates but not gated (e.g. the unpruned model, for comparison)."""
     progress = progress or Silent()
     sizes = sizes or {}
     names = reference.output_names
     result = VerifyResult(metrics={})
     with torch_threads(cfg.threads):
-        runners = [reference, *candidates]
+        runners = [reference, *candidates, *extra]
         outputs = {
             r.name: infer_dataset(r, dataset, _batch_size(r, cfg.batch_size))
             for r in progress.track(runners, len(runners), "running validation data")
@@ -121,7 +124,7 @@ def verify_models(
         if task == "classification" and dataset.labels is not None:
             ref_metrics["accuracy"] = accuracy(outputs[reference.name][0], dataset.labels)
         result.metrics[reference.name] = ref_metrics
-        for runner in candidates:
+        for runner in [*candidates, *extra]:
             result.metrics[runner.name] = _output_metrics(names, outputs[reference.name], outputs[runner.name], task, dataset.labels)
         latency_batch = min(cfg.latency_batch, len(dataset))
         timed = [r for r in runners if _batch_size(r, latency_batch) == latency_batch]

@@ -1,0 +1,352 @@
+"""prune: structured channel pruning (physically smaller, faster in ORT) or unstructured magnitude pruning.
+
+Channel pruning uses Torch-Pruning's dependency graph, which keeps coupled layers
+(residual adds, concatenations, BatchNorm, depthwise/grouped convs) consistent. The
+pruned model is saved as safetensors plus JSON metadata with the new layer sizes, so it
+reloads from the original factory without pickles and without re-running pruning.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deploytool.artifacts import atomic_path
+from deploytool.data import Dataset
+from deploytool.errors import StageError, UserError
+from deploytool.recipe import InputSpec, PruneConfig
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# integer attributes of torch.nn layers that encode their width
+SIZE_ATTRIBUTES = (
+    "in_channels", "out_channels", "in_features", "out_features", "num_features", "groups",
+    "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "hidden_size", "normalized_shape", "num_channels",
+)
+METADATA_KEY = "deploytool.layer_sizes"
+
+
+@dataclass
+class PruneRecord:
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    ignored: list[str]
+    sparsity: float | None = None
+    sensitivity: dict[str, dict[str, float]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def _example(specs: Sequence[InputSpec], data: Dataset) -> tuple[torch.Tensor, ...]:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(data.feeds[s.name][:2])) for s in specs)
+
+
+def count_macs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int | None, int]:
+    """(MACs per sample, parameters); MACs None where the counter cannot trace the model."""
+    import torch_pruning as tp
+
+    params = sum(p.numel() for p in model.parameters())
+    try:
+        macs, _ = tp.utils.count_ops_and_params(model, example)
+    except Exception:
+        log.debug("MAC counting failed", exc_info=True)
+        return None, params
+    return int(macs), params  # the counter already averages over the batch
+
+
+def _prunable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from torch import nn
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
+
+
+def output_heads(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """Layers whose output is a model output (or the last prunable layer run): pruning them would change output shapes."""
+    import torch
+
+    layers = _prunable(model)
+    produced: dict[int, str] = {}
+    order: list[str] = []
+    hooks = []
+    for name, module in layers.items():
+        def hook(mod: Any, args: Any, out: Any, name: str = name) -> None:
+            order.append(name)
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = name
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            result = model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    outputs = result if isinstance(result, (tuple, list)) else list(result.values()) if isinstance(result, dict) else [result]
+    heads = {produced[id(o)] for o in outputs if id(o) in produced}
+    if order:
+        heads.add(order[-1])
+    return sorted(heads)
+
+
+def _resolve_ignored(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: list[str] = []
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise UserError(
+                f"[prune] ignore: no layer matches '{pattern}'",
+                "layer names look like " + ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
+            )
+        chosen += matched
+    return chosen
+
+
+def check_forward(model: torch.nn.Module, example: tuple[torch.Tensor, ...], what: str) -> None:
+    """Run a forward pass; on failure name the layer where it broke (and the last one that ran)."""
+    import torch
+
+    stack: list[str] = []
+    last_done: list[str] = [""]
+    hooks = []
+    for name, module in model.named_modules():
+        hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: stack.append(name)))
+
+        def post(m: Any, a: Any, o: Any, name: str = name) -> None:
+            stack.pop()
+            last_done[0] = name
+
+        hooks.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as exc:
+        where = stack[-1] if stack else ""
+        after = last_done[0]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{what}: the model's forward() fails in layer '{where or '<top>'}' after layer '{after or '-'}' ran: "
+            f"{type(exc).__name__}: {reason[:200]}",
+            f"forward() code with hard-coded sizes cannot follow pruned widths; add '{after}' (the layer feeding it) "
+            "to [prune] ignore, or compute sizes from tensor shapes",
+        ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _importance(name: str) -> Any:
+    import torch_pruning as tp
+
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "bn_scale": lambda: tp.importance.BNScaleImportance(),
+        "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    }[name]()
+
+
+def _taylor_gradients(model: torch.nn.Module, specs: Sequence[InputSpec], data: Dataset, teacher: torch.nn.Module) -> None:
+    """Accumulate gradients of a loss for Taylor importance: labels when present, else the teacher's argmax."""
+    import torch
+
+    model.zero_grad()
+    for batch in list(data.batches(32))[:8]:
+        inputs = [torch.from_numpy(np.ascontiguousarray(batch[s.name])) for s in specs]
+        out = model(*inputs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        with torch.no_grad():
+            target = teacher(*inputs)
+            target = target if isinstance(target, torch.Tensor) else target[0]
+        if out.ndim == 2:
+            loss = torch.nn.functional.cross_entropy(out, target.argmax(-1))
+        else:
+            loss = torch.nn.functional.mse_loss(out, target)
+        loss.backward()
+
+
+def channel_prune(
+    model: torch.nn.Module,
+    specs: Sequence[InputSpec],
+    cfg: PruneConfig,
+    data: Dataset,
+    ratio_by_layer: dict[str, float] | None = None,
+) -> torch.nn.Module:
+    """Remove channels from a copy of `model` with Torch-Pruning; returns the pruned copy."""
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model).eval()
+    example = _example(specs, data)
+    ignored_names = sorted(set(output_heads(pruned, example)) | set(_resolve_ignored(pruned, cfg.ignore)))
+    modules = dict(pruned.named_modules())
+    kwargs: dict[str, Any] = {}
+    if ratio_by_layer is not None:
+        kwargs["pruning_ratio_dict"] = {modules[n]: r for n, r in ratio_by_layer.items()}
+    try:
+        pruner = tp.pruner.MetaPruner(
+            pruned,
+            example,
+            importance=_importance(cfg.importance),
+            pruning_ratio=cfg.ratio if ratio_by_layer is None else 0.0,
+            iterative_steps=cfg.iterative_steps,
+            ignored_layers=[modules[n] for n in ignored_names],
+            round_to=cfg.round_to,
+            global_pruning=cfg.global_pruning,
+            **kwargs,
+        )
+        for _ in range(cfg.iterative_steps):
+            if cfg.importance == "taylor":
+                _taylor_gradients(pruned, specs, data, model)
+            pruner.step()
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(
+            "prune",
+            f"Torch-Pruning could not build or apply the dependency graph: {type(exc).__name__}: {reason[:200]}",
+            "add the layers it cannot handle to [prune] ignore, or use method = \"magnitude\"",
+        ) from exc
+    pruned.zero_grad(set_to_none=True)
+    check_forward(pruned, example, "after channel pruning")
+    return pruned.eval()
+
+
+def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> tuple[torch.nn.Module, float]:
+    """Zero the smallest weights (global or per layer) and bake the zeros in; returns (model, sparsity)."""
+    from torch.nn.utils import prune
+
+    pruned = copy.deepcopy(model).eval()
+    ignored = set(_resolve_ignored(pruned, cfg.ignore))
+    targets = [(m, "weight") for n, m in _prunable(pruned).items() if n not in ignored]
+    if cfg.scope == "global":
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=cfg.ratio)
+    else:
+        for module, attr in targets:
+            prune.l1_unstructured(module, attr, amount=cfg.ratio)
+    for module, attr in targets:
+        prune.remove(module, attr)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
+    total = sum(m.weight.numel() for m, _ in targets)
+    return pruned, zeros / max(total, 1)
+
+
+def _score(model: torch.nn.Module, specs: Sequence[InputSpec], data: Dataset, reference: list[np.ndarray], task: str) -> float:
+    """Accuracy with labels for classifiers, else mean output cosine to the unpruned model."""
+    from deploytool.compare import accuracy, compare_arrays
+    from deploytool.runners import TorchRunner, infer_dataset
+
+    outputs = infer_dataset(TorchRunner("m", model, [s.name for s in specs], ["out"] * len(reference)), data, 256)
+    if task == "classification" and data.labels is not None:
+        return accuracy(outputs[0], data.labels)
+    return float(compare_arrays(reference[0], outputs[0])["cosine_mean"])  # type: ignore[arg-type]
+
+
+def sensitivity_scan(
+    model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset, task: str, progress: Any = None
+) -> dict[str, dict[str, float]]:
+    """Score after pruning each layer alone at each ratio: {layer: {ratio: score}}, plus the unpruned baseline."""
+    from deploytool.runners import TorchRunner, infer_dataset
+
+    example = _example(specs, data)
+    skip = set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
+    layers = [n for n in _prunable(model) if n not in skip]
+    reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], ["out"]), data, 256)
+    baseline = _score(model, specs, data, reference, task)
+    table: dict[str, dict[str, float]] = {"<none>": {"0": baseline}}
+    items = layers if progress is None else progress.track(layers, len(layers), "sensitivity scan")
+    for layer in items:
+        row = {}
+        for ratio in cfg.scan_ratios:
+            try:
+                pruned = channel_prune(model, specs, cfg, data, ratio_by_layer={layer: ratio})
+                row[f"{ratio:g}"] = round(_score(pruned, specs, data, reference, task), 5)
+            except (UserError, StageError) as exc:
+                log.info("sensitivity: %s at %g not prunable: %s", layer, ratio, exc.message)
+                row[f"{ratio:g}"] = float("nan")
+        table[layer] = row
+    return table
+
+
+def prune_model(
+    model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset, task: str, progress: Any = None
+) -> tuple[torch.nn.Module, PruneRecord]:
+    example = _example(specs, data)
+    macs_before, params_before = count_macs(model, example)
+    sensitivity = sensitivity_scan(model, specs, cfg, data, task, progress) if cfg.sensitivity else None
+    ignored = sorted(set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore)))
+    notes: list[str] = []
+    sparsity = None
+    if cfg.method == "channel":
+        pruned = channel_prune(model, specs, cfg, data)
+    else:
+        pruned, sparsity = magnitude_prune(model, cfg)
+        ignored = sorted(set(_resolve_ignored(model, cfg.ignore)))
+        notes.append(
+            f"magnitude pruning zeroed {sparsity:.0%} of the weights: the file compresses better, "
+            "but ONNX Runtime runs dense kernels, so it is not faster"
+        )
+    macs_after, params_after = count_macs(pruned, example)
+    record = PruneRecord(cfg.method, cfg.ratio, params_before, params_after, macs_before, macs_after, ignored, sparsity, sensitivity, notes)
+    return pruned, record
+
+
+def layer_sizes(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """The width attributes of every layer, to rebuild a pruned architecture from the original factory."""
+    sizes: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        attrs = {a: getattr(module, a) for a in SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), (int, tuple))}
+        if attrs:
+            sizes[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in attrs.items()}
+    return sizes
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    """safetensors with the layer sizes as metadata: reloadable with the original factory, no pickle."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(layer_sizes(model), sort_keys=True)})
+
+
+def apply_layer_sizes(model: torch.nn.Module, sizes: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
+    """Resize `model` (built by the original factory) in place to the saved widths, ready for load_state_dict."""
+    import torch
+
+    modules = dict(model.named_modules())
+    for name, attrs in sizes.items():
+        module = modules.get(name)
+        if module is None:
+            raise UserError(f"pruned checkpoint names layer '{name}', which the model factory does not build")
+        for attr, value in attrs.items():
+            if hasattr(module, attr):
+                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for key, tensor in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            continue
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            if owner._parameters[attr].shape != tensor.shape:
+                owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(tensor), requires_grad=owner._parameters[attr].requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None and owner._buffers[attr].shape != tensor.shape:
+            owner._buffers[attr] = torch.empty_like(tensor)
