@@ -102,10 +102,14 @@ def run(recipe: Path, out_dir: Path | None, overrides: tuple[str, ...], force: b
         click.echo(f"# resolved recipe (relative paths are relative to {resolved.base_dir})")
         click.echo(resolved.to_toml(), nl=False)
         return
-    from deploytool.pipeline import run_recipe
+    from deploytool.pipeline import follow_recipe, run_recipe
     from deploytool.progress import RichProgress
+    from deploytool.stages.distill import world
     from deploytool.stages.report import gate_rows, summary_rows
 
+    if world()[0] != 0:  # a torchrun follower: distill data-parallel, write and print nothing
+        follow_recipe(resolved)
+        return
     out_dir = out_dir or Path("runs") / resolved.name
     result = run_recipe(resolved, out_dir, force=force, progress=RichProgress(_console(stderr=True)))
     _print_table(*summary_rows(result.report), title=f"{resolved.name}")
@@ -147,11 +151,32 @@ def _validated(model_cls: Any, **values: Any) -> Any:
         raise UserError(f"invalid option {where}: {err['msg']} (got {err.get('input')!r})") from None
 
 
+def model_options(func: Any) -> Any:
+    """CHECKPOINT plus --factory/--input/--output-name: a model described without a recipe."""
+    options = [
+        click.argument("checkpoint", required=False, type=click.Path(path_type=Path)),
+        click.option("--factory", required=True, help="module:callable or path/to/file.py:callable building the model."),
+        click.option("--input", "inputs", required=True, multiple=True, metavar="NAME:DIMS[:DTYPE]",
+                     help="Model input, e.g. image:batch,1,8,8:float32; repeatable."),
+        click.option("--output-name", "outputs", required=True, multiple=True, help="Name of an output, in order; repeatable."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _model_from_options(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> tuple[Any, Any]:
+    """(ModelConfig, loaded nn.Module) from the model options."""
+    from deploytool.recipe import ModelConfig
+    from deploytool.stages.load import load_model
+
+    cfg = _validated(ModelConfig, factory=factory, checkpoint=str(checkpoint) if checkpoint else None,
+                     inputs=[_parse_input(t) for t in inputs], outputs=list(outputs))
+    return cfg, load_model(factory, checkpoint, Path.cwd())
+
+
 @cli.command()
-@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
-@click.option("--factory", required=True, help="module:callable or path/to/file.py:callable building the model.")
-@click.option("--input", "inputs", required=True, multiple=True, metavar="NAME:DIMS[:DTYPE]", help="Model input, e.g. image:batch,1,8,8:float32; repeatable.")
-@click.option("--output-name", "outputs", required=True, multiple=True, help="Name of an output, in order; repeatable.")
+@model_options
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
 @click.option("--opset", default=18, show_default=True, type=int)
 @click.option("--static-batch", is_flag=True, help="Fix the batch axis instead of making it dynamic.")
@@ -160,18 +185,15 @@ def _validated(model_cls: Any, **values: Any) -> Any:
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], out: Path, opset: int,
            static_batch: bool, data: Path | None, simplify: bool, force: bool) -> None:
-    """Export a checkpoint (state_dict) to a checked ONNX file."""
+    """Export a checkpoint (state_dict, or a pruned .safetensors) to a checked ONNX file."""
     import tempfile
 
-    from deploytool.recipe import ExportConfig, ModelConfig, SimplifyConfig
+    from deploytool.recipe import ExportConfig, SimplifyConfig
     from deploytool.stages.export import export_onnx
-    from deploytool.stages.load import load_model
 
-    model_cfg = _validated(ModelConfig, factory=factory, checkpoint=str(checkpoint) if checkpoint else None,
-                           inputs=[_parse_input(t) for t in inputs], outputs=list(outputs))
     cfg = _validated(ExportConfig, opset=opset, dynamic_batch=not static_batch)
     _check_output(out, force)
-    model = load_model(factory, checkpoint, Path.cwd())
+    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs)
     sample = _sample_for(model_cfg.inputs, data)
     if not simplify:
         record = export_onnx(model, model_cfg.inputs, model_cfg.outputs, cfg, sample, out)
@@ -186,6 +208,100 @@ def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outpu
     for note in record.notes:
         click.echo(f"note: {note}")
     click.echo(f"wrote {out} ({record.exporter} exporter, opset {record.opset}, max abs error vs PyTorch {record.max_abs_error:.3g})")
+
+
+@cli.command(name="prune")
+@model_options
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help=".safetensors file to write.")
+@click.option("--data", type=click.Path(path_type=Path), help="Samples (.npz) for tracing, Taylor importance and the scan.")
+@click.option("--method", type=click.Choice(["channel", "magnitude"]), default="channel", show_default=True)
+@click.option("--ratio", default=0.5, show_default=True, type=float)
+@click.option("--importance", type=click.Choice(["l1", "l2", "bn_scale", "taylor"]), default="l2", show_default=True)
+@click.option("--round-to", default=8, show_default=True, type=int)
+@click.option("--steps", "iterative_steps", default=1, show_default=True, type=int, help="Iterative pruning steps.")
+@click.option("--ignore", multiple=True, help="Layer name or glob never pruned; repeatable (output heads always are).")
+@click.option("--scan", is_flag=True, help="Also scan each layer's sensitivity and print the table.")
+@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="classification",
+              show_default=True, help="How the scan scores: accuracy with labels, else output cosine.")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], out: Path,
+              data: Path | None, method: str, ratio: float, importance: str, round_to: int, iterative_steps: int,
+              ignore: tuple[str, ...], scan: bool, task: str, force: bool) -> None:
+    """Prune a checkpoint; writes safetensors that reload with the same factory (no pickle)."""
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model, save_model
+
+    cfg = _validated(PruneConfig, method=method, ratio=ratio, importance=importance, round_to=round_to,
+                     iterative_steps=iterative_steps, ignore=list(ignore), sensitivity=scan)
+    _check_output(out, force)
+    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs)
+    from deploytool.data import load_dataset, random_dataset
+
+    dataset = load_dataset(data, model_cfg.inputs) if data else random_dataset(model_cfg.inputs, 32)
+    pruned, record = prune_model(model, model_cfg.inputs, cfg, dataset, task)
+    save_model(pruned, out)
+    if record.sensitivity:
+        _print_table(*sensitivity_rows(record.sensitivity), title="sensitivity (score with only this layer pruned)")
+    for note in record.notes:
+        click.echo(f"note: {note}")
+    macs = f", MACs {record.macs_before:,} -> {record.macs_after:,}" if record.macs_before and record.macs_after else ""
+    click.echo(f"wrote {out}: params {record.params_before:,} -> {record.params_after:,}{macs}; never pruned: {', '.join(record.ignored) or '-'}")
+
+
+def sensitivity_rows(table: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+    ratios = sorted({r for row in table.values() for r in row if r != "0"}, key=float)
+    rows = [[layer, *(f"{row[r]:.4f}" if r in row else "-" for r in ratios)] for layer, row in table.items() if layer != "<none>"]
+    baseline = table.get("<none>", {}).get("0")
+    return ["layer", *(f"ratio {r}" + (f" (unpruned {baseline:.4f})" if i == 0 and baseline is not None else "") for i, r in enumerate(ratios))], rows
+
+
+@cli.command(name="distill")
+@model_options
+@click.option("--student", "student_checkpoint", type=click.Path(path_type=Path), help="Student weights, e.g. a pruned .safetensors.")
+@click.option("--student-factory", help="Factory of the student (default: the teacher's factory).")
+@click.option("--train", "train_data", required=True, type=click.Path(path_type=Path), help="Training inputs (.npz; labels optional).")
+@click.option("--val", "val_data", type=click.Path(path_type=Path), help="Validation data for early stopping (default: --train).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help=".safetensors file to write.")
+@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="classification", show_default=True)
+@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--temperature", default=4.0, show_default=True, type=float)
+@click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the hard-label loss when labels exist.")
+@click.option("--patience", type=int, help="Stop after this many epochs without improvement.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+def distill_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                student_checkpoint: Path | None, student_factory: str | None, train_data: Path, val_data: Path | None,
+                out: Path, task: str, epochs: int, batch_size: int, lr: float, temperature: float, alpha: float,
+                patience: int | None, seed: int, force: bool) -> None:
+    """Distill the model given by CHECKPOINT (teacher) into a student; runs data-parallel under torchrun."""
+    from deploytool.data import load_dataset
+    from deploytool.progress import RichProgress
+    from deploytool.recipe import DistillConfig
+    from deploytool.stages.distill import distill, finish_distributed, world
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import save_model
+
+    cfg = _validated(DistillConfig, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
+                     patience=patience, seed=seed)
+    leader = world()[0] == 0
+    if leader:
+        _check_output(out, force)
+    model_cfg, teacher = _model_from_options(checkpoint, factory, inputs, outputs)
+    student = load_model(student_factory or factory, student_checkpoint, Path.cwd())
+    train = load_dataset(train_data, model_cfg.inputs)
+    val = load_dataset(val_data, model_cfg.inputs) if val_data else train
+    try:
+        trained, record = distill(teacher, student, model_cfg.inputs, train, val, task, cfg,
+                                  RichProgress(_console(stderr=True)) if leader else None)
+    finally:
+        finish_distributed()
+    if not leader:
+        return
+    save_model(trained, out)
+    click.echo(f"wrote {out}: best validation {record.metric} {record.best_score:.4f} at epoch {record.best_epoch} "
+               f"(before: {record.initial_score:.4f}; {record.epochs_run} epochs, {record.world_size} process(es))")
 
 
 @cli.command(name="simplify")

@@ -215,7 +215,7 @@ def _prune_and_distill(
     elif run:
         run.skip("prune")
     if recipe.distill:
-        from deploytool.stages.distill import distill
+        from deploytool.stages.distill import distill, finish_distributed
         from deploytool.stages.load import load_model
 
         cfg = recipe.distill
@@ -228,7 +228,10 @@ def _prune_and_distill(
             if cfg.student_factory:
                 ckpt = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
                 student = load_model(cfg.student_factory, ckpt, recipe.base_dir)
-            final, drecord = distill(model, student, specs, train, val or train, task, cfg, run.progress if run else None)
+            try:
+                final, drecord = distill(model, student, specs, train, val or train, task, cfg, run.progress if run else None)
+            finally:
+                finish_distributed()
             if run:
                 save_model(final, run.out_dir / "distilled.safetensors")
                 run.models["distilled"] = {**describe(run.out_dir / "distilled.safetensors"),
