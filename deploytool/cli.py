@@ -93,7 +93,10 @@ def _exit_on_gates(report: dict[str, Any]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help="Override a recipe value (TOML syntax); repeatable.")
 @click.option("--force", is_flag=True, help="Replace the results in an existing run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit without running anything.")
-def run(recipe: Path, out_dir: Path | None, overrides: tuple[str, ...], force: bool, dry_run: bool) -> None:
+@click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached stage outputs.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Also write the gates as JUnit XML here.")
+def run(recipe: Path, out_dir: Path | None, overrides: tuple[str, ...], force: bool, dry_run: bool, no_cache: bool,
+        junit: Path | None) -> None:
     """Run a recipe end to end: load, export, simplify, quantize, verify, report."""
     from deploytool.recipe import load_recipe
 
@@ -111,7 +114,13 @@ def run(recipe: Path, out_dir: Path | None, overrides: tuple[str, ...], force: b
         follow_recipe(resolved)
         return
     out_dir = out_dir or Path("runs") / resolved.name
-    result = run_recipe(resolved, out_dir, force=force, progress=RichProgress(_console(stderr=True)))
+    if junit is not None and not junit.parent.exists():
+        raise UserError(f"--junit: folder {junit.parent} does not exist")
+    result = run_recipe(resolved, out_dir, force=force, progress=RichProgress(_console(stderr=True)), use_cache=not no_cache)
+    if junit is not None:
+        from deploytool.junit import write_junit
+
+        write_junit(junit, resolved.name, result.report["gates"], sum(s["seconds"] for s in result.report["stages"]))
     _print_table(*summary_rows(result.report), title=f"{resolved.name}")
     if result.report["gates"]:
         _print_table(*gate_rows(result.report), title="gates")
@@ -159,20 +168,23 @@ def model_options(func: Any) -> Any:
         click.option("--input", "inputs", required=True, multiple=True, metavar="NAME:DIMS[:DTYPE]",
                      help="Model input, e.g. image:batch,1,8,8:float32; repeatable."),
         click.option("--output-name", "outputs", required=True, multiple=True, help="Name of an output, in order; repeatable."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow a checkpoint with pickled objects (a full module). Unpickling can run code: only for files you trust."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _model_from_options(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> tuple[Any, Any]:
+def _model_from_options(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                        trust_checkpoint: bool = False) -> tuple[Any, Any]:
     """(ModelConfig, loaded nn.Module) from the model options."""
     from deploytool.recipe import ModelConfig
     from deploytool.stages.load import load_model
 
     cfg = _validated(ModelConfig, factory=factory, checkpoint=str(checkpoint) if checkpoint else None,
-                     inputs=[_parse_input(t) for t in inputs], outputs=list(outputs))
-    return cfg, load_model(factory, checkpoint, Path.cwd())
+                     inputs=[_parse_input(t) for t in inputs], outputs=list(outputs), trust_checkpoint=trust_checkpoint)
+    return cfg, load_model(factory, checkpoint, Path.cwd(), trust_checkpoint)
 
 
 @cli.command()
@@ -183,8 +195,8 @@ def _model_from_options(checkpoint: Path | None, factory: str, inputs: tuple[str
 @click.option("--data", type=click.Path(path_type=Path), help="Sample inputs (.npz) for tracing and the numeric check.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Run onnxsim with a numeric check.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], out: Path, opset: int,
-           static_batch: bool, data: Path | None, simplify: bool, force: bool) -> None:
+def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], trust_checkpoint: bool,
+           out: Path, opset: int, static_batch: bool, data: Path | None, simplify: bool, force: bool) -> None:
     """Export a checkpoint (state_dict, or a pruned .safetensors) to a checked ONNX file."""
     import tempfile
 
@@ -193,7 +205,7 @@ def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outpu
 
     cfg = _validated(ExportConfig, opset=opset, dynamic_batch=not static_batch)
     _check_output(out, force)
-    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs)
+    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
     sample = _sample_for(model_cfg.inputs, data)
     if not simplify:
         record = export_onnx(model, model_cfg.inputs, model_cfg.outputs, cfg, sample, out)
@@ -224,7 +236,7 @@ def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outpu
 @click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="classification",
               show_default=True, help="How the scan scores: accuracy with labels, else output cosine.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], out: Path,
+def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], trust_checkpoint: bool, out: Path,
               data: Path | None, method: str, ratio: float, importance: str, round_to: int, iterative_steps: int,
               ignore: tuple[str, ...], scan: bool, task: str, force: bool) -> None:
     """Prune a checkpoint; writes safetensors that reload with the same factory (no pickle)."""
@@ -234,7 +246,7 @@ def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], ou
     cfg = _validated(PruneConfig, method=method, ratio=ratio, importance=importance, round_to=round_to,
                      iterative_steps=iterative_steps, ignore=list(ignore), sensitivity=scan)
     _check_output(out, force)
-    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs)
+    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
     from deploytool.data import load_dataset, random_dataset
 
     dataset = load_dataset(data, model_cfg.inputs) if data else random_dataset(model_cfg.inputs, 32)
@@ -272,7 +284,7 @@ def sensitivity_rows(table: dict[str, dict[str, float]]) -> tuple[list[str], lis
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def distill_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
-                student_checkpoint: Path | None, student_factory: str | None, train_data: Path, val_data: Path | None,
+                trust_checkpoint: bool, student_checkpoint: Path | None, student_factory: str | None, train_data: Path, val_data: Path | None,
                 out: Path, task: str, epochs: int, batch_size: int, lr: float, temperature: float, alpha: float,
                 patience: int | None, seed: int, force: bool) -> None:
     """Distill the model given by CHECKPOINT (teacher) into a student; runs data-parallel under torchrun."""
@@ -288,7 +300,7 @@ def distill_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], 
     leader = world()[0] == 0
     if leader:
         _check_output(out, force)
-    model_cfg, teacher = _model_from_options(checkpoint, factory, inputs, outputs)
+    model_cfg, teacher = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
     student = load_model(student_factory or factory, student_checkpoint, Path.cwd())
     train = load_dataset(train_data, model_cfg.inputs)
     val = load_dataset(val_data, model_cfg.inputs) if val_data else train
@@ -360,57 +372,184 @@ def quantize_cmd(model: Path, out: Path, calibration: Path | None, mode: str, fm
     click.echo(f"wrote {out} ({mode}, reduce_range={record.settings['reduce_range']}: {record.settings['reduce_range_reason']})")
 
 
+def _reference(reference: Path, data: Path | None, task: str | None, seed: int, samples: int) -> tuple[Any, Any, str, Any, str]:
+    """(runner, dataset, task, recipe gates or None, label) for an ONNX file, golden outputs or a recipe's PyTorch model."""
+    from deploytool.data import load_dataset, random_dataset
+    from deploytool.golden import GoldenRunner, is_golden
+    from deploytool.runners import OrtRunner
+
+    if reference.suffix == ".toml":
+        from deploytool.recipe import load_recipe
+        from deploytool.runners import TorchRunner
+        from deploytool.stages.load import load_model
+
+        recipe = load_recipe(reference)
+        checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
+        model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint)
+        specs = recipe.model.inputs
+        runner = TorchRunner("reference", model, [s.name for s in specs], recipe.model.outputs)
+        if data is None and recipe.data.validation:
+            data = recipe.resolve(recipe.data.validation)
+        dataset = load_dataset(data, specs, recipe.data.labels) if data else random_dataset(specs, samples, seed)
+        gates = recipe.verify.gates if recipe.verify else None
+        return runner, dataset, task or recipe.data.task, gates, f"recipe {recipe.name} (PyTorch)"
+    if is_golden(reference):
+        golden = GoldenRunner(reference)
+        if data is not None:
+            raise UserError("--data cannot be combined with golden outputs: they verify on their own stored inputs")
+        return golden, golden.dataset, task or "generic", None, f"golden outputs {reference.name}"
+    if reference.suffix == ".npz":
+        raise UserError(f"{reference} is an .npz without deploytool golden outputs", "create them with verify --save-golden")
+    from deploytool.stages.inspect import input_specs
+
+    specs = input_specs(reference)
+    runner = OrtRunner("reference", reference, 1)
+    dataset = load_dataset(data, specs) if data else random_dataset(specs, samples, seed)
+    return runner, dataset, task or "generic", None, str(reference)
+
+
+def _candidate_names(reference: Path, candidates: tuple[Path, ...]) -> list[str]:
+    names: list[str] = []
+    for path in candidates:
+        name = path.stem if path.stem not in ("reference", reference.stem) else str(path)
+        names.append(name if name not in names else str(path))
+    return names
+
+
 @cli.command(name="verify")
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Validation data (.npz; may hold labels). Default: seeded random inputs.")
-@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="generic", show_default=True)
-@click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE", help="e.g. min_cosine=0.99, max_accuracy_drop=0.01; repeatable.")
+@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]),
+              help="Task metrics to compute (default: the recipe's, else generic).")
+@click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE",
+              help="e.g. min_cosine=0.99, max_accuracy_drop=0.01, atol=1e-3; repeatable; overrides a recipe's gates.")
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--runs", default=100, show_default=True, type=int, help="Timed runs per model.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics and gates as JSON here.")
-def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None, task: str, gates: tuple[str, ...],
-               threads: int, runs: int, json_out: Path | None) -> None:
-    """Compare candidate ONNX models with a reference ONNX model; exit 1 if a gate fails."""
-    from deploytool.data import load_dataset, random_dataset
-    from deploytool.recipe import GatesConfig, VerifyConfig
-    from deploytool.runners import OrtRunner
-    from deploytool.stages.inspect import input_specs
-    from deploytool.stages.report import gate_rows
-    from deploytool.stages.verify import verify_models
+@click.option("--warmup", default=10, show_default=True, type=int)
+@click.option("--min-seconds", default=0.0, show_default=True, type=float, help="Keep timing at least this long.")
+@click.option("--latency-batch", default=1, show_default=True, type=int)
+@click.option("--throughput-batch", "throughput_batches", multiple=True, type=int, help="Also measure throughput at this batch size; repeatable.")
+@click.option("--no-memory", is_flag=True, help="Skip measuring each session's peak memory.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs used without --data.")
+@click.option("--samples", default=64, show_default=True, type=int, help="Number of random inputs used without --data.")
+@click.option("--save-golden", type=click.Path(path_type=Path), help="Save the inputs and reference outputs here (.npz) for later runs.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json, report.md and report.html into this folder.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write the gates as JUnit XML here.")
+def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None, task: str | None, gates: tuple[str, ...],
+               threads: int, runs: int, warmup: int, min_seconds: float, latency_batch: int, throughput_batches: tuple[int, ...],
+               no_memory: bool, seed: int, samples: int, save_golden: Path | None, json_out: Path | None,
+               report_dir: Path | None, junit: Path | None) -> None:
+    """Compare candidate ONNX models with a reference; exit 1 if a gate fails.
 
+    REFERENCE is an ONNX file, golden outputs saved by --save-golden (or a run's golden.npz),
+    or a recipe (its PyTorch model, and its validation data and gates unless given here).
+    """
+    import time
+
+    from deploytool.recipe import GatesConfig, VerifyConfig
+    from deploytool.stages.report import environment, gate_rows, summary_rows, write_reports
+    from deploytool.stages.verify import verify_and_explain
+
+    started = time.perf_counter()
+    for path in candidates:
+        if not path.is_file():
+            raise UserError(f"candidate not found: {path}")
     gate_values: dict[str, Any] = {}
     for text in gates:
-        name, sep, value = text.partition("=")
+        name, _, value = text.partition("=")
         try:
             gate_values[name.strip()] = float(value)
         except ValueError:
             raise UserError(f"--gate {text!r}: expected NAME=NUMBER", f"gates: {', '.join(GatesConfig.model_fields)}") from None
-    cfg = _validated(VerifyConfig, threads=threads, runs=runs, gates=_validated(GatesConfig, **gate_values))
-    specs = input_specs(reference)
-    dataset = load_dataset(data, specs) if data else random_dataset(specs, 64)
-    ref_runner = OrtRunner("reference", reference, threads)
-    names = [p.stem if p.stem != reference.stem else str(p) for p in candidates]
-    runners = [OrtRunner(name, path, threads) for name, path in zip(names, candidates)]
-    sizes = {"reference": reference.stat().st_size, **{n: p.stat().st_size for n, p in zip(names, candidates)}}
-    result = verify_models(ref_runner, runners, dataset, task, cfg, sizes)
-    report = {"passed": result.passed, "gates": [g.as_dict() for g in result.gates], "metrics": result.metrics, "notes": result.notes}
-    header = ["model", "cosine mean", "max abs err", "snr dB", "top-1 agree", "p50 ms", "speedup"]
-    rows = [
-        [name, *(f"{m[k]:.5g}" if isinstance(m.get(k), float) else "-" for k in ("cosine_mean", "max_abs_error", "snr_db", "top1_agreement")),
-         f"{m.get('latency_ms', {}).get('p50', float('nan')):.3f}", f"{m.get('speedup', float('nan')):.2f}x"]
-        for name, m in result.metrics.items()
-    ]
-    _print_table(header, rows, title="verify")
-    if result.gates:
+    if not reference.exists():
+        raise UserError(f"reference not found: {reference}")
+    runner, dataset, task, recipe_gates, label = _reference(reference, data, task, seed, samples)
+    base = recipe_gates.model_dump(exclude_none=True) if recipe_gates else {}
+    cfg = _validated(VerifyConfig, threads=threads, runs=runs, warmup=warmup, min_seconds=min_seconds, latency_batch=latency_batch,
+                     throughput_batches=list(throughput_batches), memory=not no_memory,
+                     gates=_validated(GatesConfig, **{**base, **gate_values}))
+    for path in (save_golden, json_out, junit):
+        if path is not None and not path.parent.exists():
+            raise UserError(f"output folder {path.parent} does not exist")
+    if "min_speedup" in cfg.gates.model_dump(exclude_none=True) and not getattr(runner, "timeable", True):
+        raise UserError("gate min_speedup needs a reference that runs: golden outputs have no latency")
+    names = _candidate_names(reference, candidates)
+    pairs = [(n, reference, p) for n, p in zip(names, candidates)] if reference.suffix == ".onnx" else []
+    sizes = {n: p.stat().st_size for n, p in zip(names, candidates)}
+    if reference.suffix == ".onnx":
+        sizes["reference"] = reference.stat().st_size
+    fragment = verify_and_explain(runner, list(zip(names, candidates)), dataset, task, cfg, sizes,
+                                  localize_pairs=pairs, golden=save_golden)
+    report = {"name": f"verify against {label}", "passed": fragment["passed"], "gates": fragment["gates"],
+              "models": {"reference": {"path": str(reference), "size_bytes": reference.stat().st_size},
+                         **{n: {"path": str(p), "size_bytes": p.stat().st_size} for n, p in zip(names, candidates)}},
+              "metrics": fragment["metrics"],
+              "stages": [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}],
+              "environment": environment(threads), "data": dataset.source,
+              **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
+    from deploytool.pipeline import _finite
+
+    report = _finite(report)
+    _print_table(*summary_rows(report), title="verify")
+    if report["gates"]:
         _print_table(*gate_rows(report), title="gates")
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
     if json_out:
         from deploytool.artifacts import write_text
-        from deploytool.pipeline import _finite
 
-        write_text(json_out, json.dumps(_finite(report), indent=2) + "\n")
+        write_text(json_out, json.dumps(report, indent=2) + "\n")
+    if report_dir:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        write_reports(report, report_dir)
+    if junit:
+        from deploytool.junit import write_junit
+
+        write_junit(junit, "verify", report["gates"], time.perf_counter() - started)
     _exit_on_gates(report)
     click.echo("PASSED")
+
+
+@cli.command(name="bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Inputs (.npz); default: seeded random inputs.")
+@click.option("--batch", "batches", multiple=True, type=int, help="Batch size; repeatable (default 1).")
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--runs", default=200, show_default=True, type=int)
+@click.option("--warmup", default=20, show_default=True, type=int)
+@click.option("--min-seconds", default=0.0, show_default=True, type=float)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+def bench_cmd(models: tuple[Path, ...], data: Path | None, batches: tuple[int, ...], threads: int, runs: int, warmup: int,
+              min_seconds: float, json_out: Path | None) -> None:
+    """Latency (p50/p90/p99), throughput and session peak memory of ONNX models, interleaved."""
+    from deploytool.data import load_dataset, random_dataset
+    from deploytool.memory import session_peak_bytes
+    from deploytool.runners import OrtRunner, measure_latency
+    from deploytool.stages.inspect import input_specs
+
+    specs = input_specs(models[0])
+    sizes = sorted(set(batches or (1,)))
+    dataset = load_dataset(data, specs) if data else random_dataset(specs, max(sizes))
+    if len(dataset) < max(sizes):
+        raise UserError(f"{dataset.source} holds {len(dataset)} samples; --batch {max(sizes)} needs that many")
+    runners = [OrtRunner(str(m), m, threads) for m in models]
+    results: dict[str, Any] = {str(m): {"size_bytes": m.stat().st_size, "batches": {}} for m in models}
+    for batch in sizes:
+        feeds = next(dataset.batches(batch))
+        for name, latency in measure_latency(runners, feeds, warmup, runs, None, min_seconds).items():
+            results[name]["batches"][str(batch)] = {**latency.summary(), "throughput_per_s": round(batch * 1000 / latency.percentile(50), 2)}
+    for m in models:
+        results[str(m)]["peak_memory_bytes"] = session_peak_bytes(m, next(dataset.batches(sizes[0])), threads)
+    rows = [[name, str(b), f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['p99']:.3f}", f"{r['throughput_per_s']:.1f}",
+             f"{(res['peak_memory_bytes'] or 0) / 2**20:.1f}"] for name, res in results.items() for b, r in res["batches"].items()]
+    _print_table(["model", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "session MiB"], rows,
+                 title=f"latency, {threads} thread(s), {runs} interleaved runs")
+    if json_out:
+        from deploytool.artifacts import write_text
+
+        write_text(json_out, json.dumps(results, indent=2) + "\n")
 
 
 @cli.command(name="inspect")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -19,11 +21,28 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     }
     if reference.shape != candidate.shape:
         return result
-    ref, cand = _per_sample(reference), _per_sample(candidate)
+    # NaN/Inf in a candidate is an expected outcome (counted below, failing outputs_valid), not a warning
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _statistics(_per_sample(reference), _per_sample(candidate), result)
+
+
+def _statistics(
+    ref: np.ndarray, cand: np.ndarray, result: dict[str, float | bool | list[int] | None]
+) -> dict[str, float | bool | list[int] | None]:
     result["nonfinite"] = int((~np.isfinite(cand)).sum())
     diff = np.abs(ref - cand)
     result["max_abs_error"] = float(np.nanmax(diff)) if diff.size else 0.0
     result["mean_abs_error"] = float(np.nanmean(diff)) if diff.size else 0.0
+    result["median_abs_error"] = float(np.nanmedian(diff)) if diff.size else 0.0
+    result["p99_abs_error"] = float(np.nanpercentile(diff, 99)) if diff.size else 0.0
+    magnitude = np.abs(ref)
+    relative = np.where(magnitude > 0, diff / np.where(magnitude > 0, magnitude, 1.0), np.where(diff > 0, np.inf, 0.0))
+    result["max_rel_error"] = float(np.nanmax(relative)) if diff.size else 0.0
+    result["mean_rel_error"] = float(np.nanmean(relative[np.isfinite(relative)])) if np.isfinite(relative).any() else 0.0
+    # the smallest tolerance that would have passed every element, with the other tolerance at zero
+    result["min_atol"] = result["max_abs_error"]
+    result["min_rtol"] = result["max_rel_error"]
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     dots = (ref * cand).sum(axis=1)
     # two all-zero samples are identical; one zero and one not are orthogonal
@@ -37,14 +56,35 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     return result
 
 
+def within_tolerance(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> float:
+    """Share of elements that pass: |candidate - reference| <= atol, or <= rtol * |reference|."""
+    if reference.shape != candidate.shape or reference.size == 0:
+        return 0.0 if reference.shape != candidate.shape else 1.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+        ok = (diff <= atol) | (diff <= rtol * np.abs(reference.astype(np.float64)))
+    return float(ok.mean())
+
+
 def classification_metrics(
-    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None
+    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, k: int = 5
 ) -> dict[str, float]:
-    """Top-1 agreement with the reference and, with labels, accuracy of the candidate."""
+    """Top-1 (and top-k) agreement with the reference and, with labels, accuracy of the candidate."""
     metrics = {"top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean())}
+    if reference.ndim >= 1 and reference.shape[-1] > k:
+        # the reference's top-1 class is among the candidate's top k
+        top_k = np.argsort(-candidate, axis=-1)[..., :k]
+        metrics[f"top{k}_agreement"] = float((top_k == reference.argmax(-1)[..., None]).any(-1).mean())
     if labels is not None:
         metrics["accuracy"] = accuracy(candidate, labels)
     return metrics
+
+
+def regression_metrics(candidate: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean absolute and root-mean-square error of the candidate against regression targets."""
+    target = labels.reshape(candidate.shape) if labels.size == candidate.size else labels.reshape(len(labels), -1)
+    diff = candidate.reshape(target.shape).astype(np.float64) - target.astype(np.float64)
+    return {"mae": float(np.abs(diff).mean()), "rmse": float(np.sqrt((diff**2).mean()))}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

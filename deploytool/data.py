@@ -29,9 +29,15 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, pad: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive batches; with pad, a short last batch is filled up by wrapping around to the start
+        (for models with a fixed batch size)."""
         for start in range(0, len(self), batch_size):
-            yield {name: array[start : start + batch_size] for name, array in self.feeds.items()}
+            if pad and start + batch_size > len(self):
+                index = np.arange(start, start + batch_size) % len(self)
+                yield {name: array[index] for name, array in self.feeds.items()}
+            else:
+                yield {name: array[start : start + batch_size] for name, array in self.feeds.items()}
 
     def head(self, n: int) -> Dataset:
         labels = None if self.labels is None else self.labels[:n]
@@ -135,7 +141,7 @@ def load_dataset(path: Path, specs: Sequence[InputSpec], labels_key: str = "labe
         raise UserError(f"{path}: inputs hold different numbers of samples: {counts}")
     labels = arrays.get(labels_key)
     if labels is not None:
-        if labels.dtype.kind not in "iuf" or len(labels) != len(next(iter(feeds.values()))):
+        if labels.dtype.kind not in "iuf" or labels.ndim == 0 or len(labels) != len(next(iter(feeds.values()))):
             raise UserError(
                 f"{path}: '{labels_key}' must be numeric with one entry per sample "
                 f"(got {labels.dtype} with shape {list(labels.shape)}, {len(feeds[names[0]])} samples)"
@@ -168,13 +174,14 @@ def random_dataset(specs: Sequence[InputSpec], samples: int, seed: int = 0) -> D
 class CalibrationReader:
     """onnxruntime CalibrationDataReader over a Dataset, batch by batch."""
 
-    def __init__(self, dataset: Dataset, batch_size: int) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, pad: bool = False) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
+        self.pad = pad
         self.rewind()
 
     def rewind(self) -> None:
-        self._batches = self.dataset.batches(self.batch_size)
+        self._batches = self.dataset.batches(self.batch_size, self.pad)
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)

@@ -1,19 +1,22 @@
-"""Runs a recipe's stages in order into a run folder: timings, logging, errors, the report."""
+"""Runs a recipe's stages in order into a run folder: caching, timings, logging, errors, the report."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import math
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploytool.artifacts import describe, write_text
+from deploytool.artifacts import describe, sha256
+from deploytool.cache import StageCache, content_hash, stage_key
 from deploytool.errors import DeployError, StageError, UserError
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import Recipe
@@ -22,6 +25,7 @@ log = logging.getLogger("deploytool")
 
 # files that mark a folder as a run folder, so --force never empties anything else
 RUN_MARKERS = ("report.json", "run.log", "recipe.resolved.toml")
+CACHE_DIR = ".cache"
 
 
 @dataclass
@@ -43,19 +47,20 @@ class _Run:
     recipe: Recipe
     out_dir: Path
     progress: Progress
+    cache: StageCache | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
         log.info("stage %s: start", name)
         start = time.perf_counter()
-        record = {"name": name, "status": "done", "seconds": 0.0}
+        record: dict[str, Any] = {"name": name, "status": "done", "seconds": 0.0}
         self.stages.append(record)
         try:
-            yield
+            yield record
         except BaseException as exc:
             record["status"] = "failed"
             record["seconds"] = round(time.perf_counter() - start, 3)
@@ -65,7 +70,19 @@ class _Run:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StageError(name, f"{type(exc).__name__}: {reason[:300]}", "the traceback is in run.log") from exc
         record["seconds"] = round(time.perf_counter() - start, 3)
-        log.info("stage %s: done in %.2fs", name, record["seconds"])
+        log.info("stage %s: %s in %.2fs", name, record["status"], record["seconds"])
+
+    def cached(
+        self, stage: str, record: dict[str, Any], config: Any, inputs: dict[str, str | None], outputs: Sequence[Path],
+        compute: Callable[[], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """compute() through the stage cache; marks the stage record 'cached' on a hit."""
+        if self.cache is None:
+            return compute()
+        result, hit = self.cache.run(stage, stage_key(stage, config, inputs), outputs, compute)
+        if hit:
+            record["status"] = "cached"
+        return result
 
     def skip(self, name: str) -> None:
         self.stages.append({"name": name, "status": "skipped", "seconds": 0.0})
@@ -76,12 +93,17 @@ def preflight(recipe: Recipe) -> None:
     model = recipe.model
     if model.checkpoint is not None and not recipe.resolve(model.checkpoint).exists():
         raise UserError(f"checkpoint not found: {recipe.resolve(model.checkpoint)}", "check [model] checkpoint")
-    for key in ("calibration", "validation"):
-        value = getattr(recipe.data, key)
+    paths = [("[data] calibration", recipe.data.calibration), ("[data] validation", recipe.data.validation)]
+    if recipe.distill:
+        paths += [("[distill] train", recipe.distill.train), ("[distill] validation", recipe.distill.validation),
+                  ("[distill] student_checkpoint", recipe.distill.student_checkpoint)]
+    for key, value in paths:
         if value is not None and not recipe.resolve(value).exists():
-            raise UserError(f"{key} data not found: {recipe.resolve(value)}", f"check [data] {key}")
+            raise UserError(f"{key} not found: {recipe.resolve(value)}", f"check {key}")
     if recipe.quantize is not None and recipe.quantize.mode == "static" and recipe.data.calibration is None:
         raise UserError("[quantize] mode = \"static\" needs [data] calibration", "add calibration data or use mode = \"dynamic\"")
+    if recipe.distill and recipe.distill.train is None and recipe.data.calibration is None:
+        raise UserError("[distill] needs training data", "set [distill] train or [data] calibration")
     gates = recipe.verify.gates if recipe.verify else None
     if gates is not None and (gates.max_accuracy_drop is not None or gates.min_top1_agreement is not None):
         if recipe.data.task != "classification":
@@ -90,18 +112,33 @@ def preflight(recipe: Recipe) -> None:
             raise UserError("gate max_accuracy_drop needs labelled [data] validation")
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> bool:
-    """Create the run folder; an existing non-empty one only with force, and only if it is a run folder.
+def _resumable(out_dir: Path) -> bool:
+    """A run folder whose run did not finish (killed, or a stage failed) can be resumed without --force."""
+    report = out_dir / "report.json"
+    if not report.exists():
+        return True
+    try:
+        stages = json.loads(report.read_text()).get("stages", [])
+    except (OSError, ValueError):
+        return True
+    return any(s.get("status") == "failed" for s in stages)
 
-    Returns True when this call created the folder."""
+
+def prepare_out_dir(out_dir: Path, force: bool) -> bool:
+    """Create the run folder, or clear a previous run's results from it (keeping its stage cache).
+
+    A finished run is replaced only with force; an interrupted or failed one is resumed; a
+    folder that is not a run folder is never touched. Returns True when this call created it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise UserError(f"run folder {out_dir} already holds results", "pass --force to replace them, or choose another --out")
         if not any((out_dir / m).exists() for m in RUN_MARKERS):
-            raise UserError(f"--force refused: {out_dir} is not a deploytool run folder", "choose an empty or new --out")
-        shutil.rmtree(out_dir)
+            raise UserError(f"{out_dir} is not empty and holds no deploytool run", "choose an empty or new --out")
+        if not force and not _resumable(out_dir):
+            raise UserError(f"run folder {out_dir} already holds results", "pass --force to replace them, or choose another --out")
+        for item in out_dir.iterdir():
+            if item.name != CACHE_DIR:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,8 +169,12 @@ def _onnx_params(path: Path) -> int:
     return int(sum(np.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11)))
 
 
-def run_recipe(recipe: Recipe, out_dir: Path, force: bool = False, progress: Progress | None = None) -> RunResult:
+def run_recipe(
+    recipe: Recipe, out_dir: Path, force: bool = False, progress: Progress | None = None, use_cache: bool = True
+) -> RunResult:
     """Run every stage the recipe enables and write the report; gate failures do not raise."""
+    from deploytool.artifacts import write_text
+
     preflight(recipe)
     created = prepare_out_dir(out_dir, force)
     handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
@@ -141,7 +182,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, force: bool = False, progress: Pro
     root = logging.getLogger("deploytool")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    run = _Run(recipe, out_dir, progress or Silent())
+    run = _Run(recipe, out_dir, progress or Silent(), StageCache(out_dir / CACHE_DIR) if use_cache else None)
     try:
         write_text(out_dir / "recipe.resolved.toml", recipe.to_toml())
         report = _execute(run)
@@ -185,154 +226,198 @@ def _write_failed_report(run: _Run) -> None:
         log.exception("could not write the report of a failed run")
 
 
-def _prune_and_distill(
-    run: _Run | None, model: Any, calibration: Any, validation: Any, sample: Any, recipe: Recipe | None = None
-) -> Any:
-    """The PyTorch-side stages; returns the model to export. With run=None nothing is written (torchrun followers)."""
+@dataclass
+class _Inputs:
+    """What the PyTorch-side stages start from, and the hashes cache keys are built on."""
+
+    model: Any
+    calibration: Any
+    validation: Any
+    sample: Any
+    hashes: dict[str, str | None]
+
+
+def _load(recipe: Recipe) -> _Inputs:
+    from deploytool.data import load_dataset, random_dataset
+    from deploytool.stages.load import load_model, resolve_factory
+
+    specs = recipe.model.inputs
+    checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
+    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint)
+    if recipe.model.trust_checkpoint:
+        log.warning("trust_checkpoint is set: %s was unpickled without restrictions", checkpoint)
+    calibration = validation = None
+    if recipe.data.calibration:
+        calibration = load_dataset(recipe.resolve(recipe.data.calibration), specs, recipe.data.labels)
+    if recipe.data.validation:
+        validation = load_dataset(recipe.resolve(recipe.data.validation), specs, recipe.data.labels)
+        if recipe.verify and recipe.verify.gates.max_accuracy_drop is not None and validation.labels is None:
+            raise UserError(f"{validation.source}: no '{recipe.data.labels}' array, but gate max_accuracy_drop needs labels")
+    sample = (validation or calibration or random_dataset(specs, 2)).head(2)
+    source = inspect.getsourcefile(resolve_factory(recipe.model.factory, recipe.base_dir))
+    hashes = {
+        "model": recipe.model.model_dump_json(),
+        "checkpoint": sha256(checkpoint) if checkpoint else None,
+        "factory_source": sha256(Path(source)) if source and Path(source).is_file() else None,
+        "calibration": content_hash(recipe.resolve(recipe.data.calibration)) if recipe.data.calibration else None,
+        "validation": content_hash(recipe.resolve(recipe.data.validation)) if recipe.data.validation else None,
+        "task": recipe.data.task,
+    }
+    return _Inputs(model, calibration, validation, sample, hashes)
+
+
+def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tuple[Any, dict[str, str | None]]:
+    """The PyTorch-side stages: (model to export, hashes that identify it). With run=None nothing is
+    written and nothing is cached (a torchrun follower that only takes part in distillation)."""
     from contextlib import nullcontext
 
     from deploytool.data import load_dataset
+    from deploytool.stages.load import load_model
 
-    recipe = run.recipe if run else recipe
-    assert recipe is not None
-    specs = recipe.model.inputs
-    task = recipe.data.task
-    stage = run.stage if run else (lambda name: nullcontext())
-    final = model
+    specs, task = recipe.model.inputs, recipe.data.task
+    stage = run.stage if run else (lambda name: nullcontext({}))
+    final, identity = start.model, dict(start.hashes)
     if recipe.prune:
         from deploytool.stages.prune import prune_model, save_model
 
-        with stage("prune"):
-            final, record = prune_model(model, specs, recipe.prune, calibration or validation or sample, task,
-                                        run.progress if run else None)
-            if run:
-                save_model(final, run.out_dir / "pruned.safetensors")
-                run.models["reference"]["macs"] = record.macs_before
-                run.models["pruned"] = {**describe(run.out_dir / "pruned.safetensors"), "params": record.params_after,
-                                        "macs": record.macs_after}
-                run.details["prune"] = record.as_dict()
-                run.notes.extend(record.notes)
+        with stage("prune") as record:
+            data = start.calibration or start.validation or start.sample
+            if run is None:
+                final, _ = prune_model(start.model, specs, recipe.prune, data, task)
+            else:
+                path = run.out_dir / "pruned.safetensors"
+
+                def compute() -> dict[str, Any]:
+                    pruned, result = prune_model(start.model, specs, recipe.prune, data, task, run.progress)
+                    save_model(pruned, path)
+                    return result.as_dict()
+
+                details = run.cached("prune", record, recipe.prune.model_dump(), identity, [path], compute)
+                final = load_model(recipe.model.factory, path, recipe.base_dir)
+                identity = {"pruned": sha256(path), "factory_source": identity["factory_source"]}
+                run.models["reference"]["macs"] = details.get("macs_before")
+                run.models["pruned"] = {**describe(path), "params": details["params_after"], "macs": details.get("macs_after")}
+                run.details["prune"] = details
+                run.notes.extend(details.get("notes", []))
     elif run:
         run.skip("prune")
     if recipe.distill:
-        from deploytool.stages.distill import distill, finish_distributed
-        from deploytool.stages.load import load_model
+        from deploytool.stages.distill import distill, finish_distributed, world
+        from deploytool.stages.prune import save_model
 
         cfg = recipe.distill
-        with stage("distill"):
-            train = load_dataset(recipe.resolve(cfg.train), specs, recipe.data.labels) if cfg.train else calibration
-            val = load_dataset(recipe.resolve(cfg.validation), specs, recipe.data.labels) if cfg.validation else validation
-            if train is None:
-                raise UserError("[distill] needs training data", "set [distill] train or [data] calibration")
+        with stage("distill") as record:
+            train = load_dataset(recipe.resolve(cfg.train), specs, recipe.data.labels) if cfg.train else start.calibration
+            val = load_dataset(recipe.resolve(cfg.validation), specs, recipe.data.labels) if cfg.validation else start.validation
             student = final
             if cfg.student_factory:
-                ckpt = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
-                student = load_model(cfg.student_factory, ckpt, recipe.base_dir)
-            try:
-                final, drecord = distill(model, student, specs, train, val or train, task, cfg, run.progress if run else None)
-            finally:
-                finish_distributed()
-            if run:
-                save_model(final, run.out_dir / "distilled.safetensors")
-                run.models["distilled"] = {**describe(run.out_dir / "distilled.safetensors"),
-                                           "params": sum(p.numel() for p in final.parameters())}
-                run.details["distill"] = drecord.as_dict()
+                checkpoint = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
+                student = load_model(cfg.student_factory, checkpoint, recipe.base_dir)
+            path = run.out_dir / "distilled.safetensors" if run else None
+            trained: list[Any] = []
+
+            def compute() -> dict[str, Any]:
+                try:
+                    model, result = distill(start.model, student, specs, train, val or train, task, cfg,
+                                            run.progress if run else None)
+                finally:
+                    finish_distributed()
+                trained.append(model)
+                if path is not None:
+                    save_model(model, path)
+                return result.as_dict()
+
+            if run is None:
+                compute()
+                return trained[0], identity
+            inputs = {**identity, "teacher": start.hashes["checkpoint"], "world_size": str(world()[1]),
+                      "train": content_hash(recipe.resolve(cfg.train)) if cfg.train else start.hashes["calibration"],
+                      "val": content_hash(recipe.resolve(cfg.validation)) if cfg.validation else start.hashes["validation"]}
+            # a data-parallel run must not skip training while the other ranks wait for it
+            details = compute() if world()[1] > 1 else run.cached("distill", record, cfg.model_dump(), inputs, [path], compute)
+            assert path is not None
+            final = trained[0] if trained else load_model(cfg.student_factory or recipe.model.factory, path, recipe.base_dir)
+            identity = {"distilled": sha256(path), "factory_source": identity["factory_source"]}
+            run.models["distilled"] = {**describe(path), "params": sum(p.numel() for p in final.parameters())}
+            run.details["distill"] = details
     elif run:
         run.skip("distill")
-    return final
+    return final, identity
 
 
 def follow_recipe(recipe: Recipe) -> None:
     """A non-zero torchrun rank: take part in distillation, write nothing."""
-    from deploytool.data import load_dataset, random_dataset
-    from deploytool.stages.load import load_model
-
-    specs = recipe.model.inputs
-    checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir)
-    calibration = load_dataset(recipe.resolve(recipe.data.calibration), specs, recipe.data.labels) if recipe.data.calibration else None
-    validation = load_dataset(recipe.resolve(recipe.data.validation), specs, recipe.data.labels) if recipe.data.validation else None
-    sample = (validation or calibration or random_dataset(specs, 2)).head(2)
-    _prune_and_distill(None, model, calibration, validation, sample, recipe)
+    _prune_and_distill(None, recipe, _load(recipe))
 
 
 def _execute(run: _Run) -> dict[str, Any]:
     import torch
 
-    from deploytool.data import Dataset, load_dataset, random_dataset
-    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import count_macs
 
     recipe, out = run.recipe, run.out_dir
     specs, outputs = recipe.model.inputs, recipe.model.outputs
     with run.stage("load"):
+        start = _load(recipe)
+        example = tuple(torch.from_numpy(start.sample.feeds[s.name][:1]) for s in specs)
+        macs, params = count_macs(start.model, example)
         checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-        model = load_model(recipe.model.factory, checkpoint, recipe.base_dir)
-        calibration = validation = None
-        if recipe.data.calibration:
-            calibration = load_dataset(recipe.resolve(recipe.data.calibration), specs, recipe.data.labels)
-        if recipe.data.validation:
-            validation = load_dataset(recipe.resolve(recipe.data.validation), specs, recipe.data.labels)
-            if recipe.verify and recipe.verify.gates.max_accuracy_drop is not None and validation.labels is None:
-                raise UserError(
-                    f"{validation.source}: no '{recipe.data.labels}' array, but gate max_accuracy_drop needs labels"
-                )
-        from deploytool.stages.prune import count_macs
+        reference = describe(checkpoint) if checkpoint else {"path": None, "size_bytes": params * 4, "sha256": None}
+        run.models["reference"] = {**reference, "params": params, "macs": macs}
 
-        example = tuple(torch.from_numpy(a[:1]) for a in (validation or calibration or random_dataset(specs, 1)).feeds.values())
-        macs, params = count_macs(model, example)
-        if checkpoint is not None:
-            run.models["reference"] = {**describe(checkpoint), "params": params, "macs": macs}
-        else:
-            run.models["reference"] = {"path": None, "size_bytes": params * 4, "sha256": None, "params": params, "macs": macs}
-    sample: Dataset = (validation or calibration or random_dataset(specs, 2)).head(2)
-    final = _prune_and_distill(run, model, calibration, validation, sample)
-    final_macs = macs if final is model else count_macs(final, example)[0]
+    final, identity = _prune_and_distill(run, recipe, start)
+    final_macs = macs if final is start.model else count_macs(final, example)[0]
 
     from deploytool.stages.export import export_onnx
 
-    exported = out / "model.exported.onnx" if recipe.simplify and recipe.simplify.enabled else out / "model.onnx"
-    with run.stage("export"):
-        record = export_onnx(final, specs, outputs, recipe.export, sample, exported)
-        unpruned = None
-        if final is not model:  # the original in ONNX too, so pruning's effect on ORT latency is measured
-            unpruned = out / "model.unpruned.onnx"
-            export_onnx(model, specs, outputs, recipe.export, sample, unpruned)
-        run.notes.extend(record.notes)
-        run.details["export"] = {"exporter": record.exporter, "opset": record.opset, "max_abs_error": record.max_abs_error}
+    simplify = recipe.simplify is not None and recipe.simplify.enabled
+    exported = out / "model.exported.onnx" if simplify else out / "model.onnx"
+    unpruned = out / "model.unpruned.onnx" if final is not start.model else None
+    sample_hash = content_hash(recipe.resolve(recipe.data.validation or recipe.data.calibration)) if (
+        recipe.data.validation or recipe.data.calibration) else "random"
+    with run.stage("export") as record:
+        def export(model: Any, path: Path) -> Callable[[], dict[str, Any]]:
+            return lambda: export_onnx(model, specs, outputs, recipe.export, start.sample, path).as_dict()
+
+        config = {"export": recipe.export.model_dump(), "outputs": outputs, "sample": sample_hash}
+        details = run.cached("export", record, config, identity, [exported], export(final, exported))
+        if unpruned is not None:  # the original in ONNX too, so pruning's effect on ORT latency is measured
+            run.cached("export", {}, config, start.hashes, [unpruned], export(start.model, unpruned))
+        run.notes.extend(details.get("notes", []))
+        run.details["export"] = {k: v for k, v in details.items() if k != "notes"}
 
     fp32 = out / "model.onnx"
-    if recipe.simplify and recipe.simplify.enabled:
+    if simplify:
         from deploytool.stages.simplify import simplify_onnx
 
-        with run.stage("simplify"):
-            simplified = simplify_onnx(exported, fp32, recipe.simplify, sample)
+        assert recipe.simplify is not None
+        with run.stage("simplify") as record:
+            details = run.cached(
+                "simplify", record, recipe.simplify.model_dump(), {"model": sha256(exported), "sample": sample_hash},
+                [fp32], lambda: simplify_onnx(exported, fp32, recipe.simplify, start.sample).as_dict(),  # type: ignore[arg-type]
+            )
             exported.unlink()
-            run.notes.extend(simplified.notes)
-            run.details["simplify"] = {
-                "simplified": simplified.simplified,
-                "nodes_before": simplified.nodes_before,
-                "nodes_after": simplified.nodes_after,
-                "max_abs_error": simplified.max_abs_error,
-            }
+            run.notes.extend(details.get("notes", []))
+            run.details["simplify"] = {k: v for k, v in details.items() if k != "notes"}
     else:
         run.skip("simplify")
     run.models["fp32"] = {**describe(fp32), "params": _onnx_params(fp32), "macs": final_macs}
 
     candidates = [("fp32", fp32)]
     if recipe.quantize and recipe.quantize.mode != "none":
+        from deploytool.hardware import cpu_info
         from deploytool.stages.quantize import quantize_onnx
 
         int8 = out / "model.int8.onnx"
-        with run.stage("quantize"):
+        with run.stage("quantize") as record:
             batch = 16 if recipe.export.dynamic_batch else 1
-            quantized = quantize_onnx(fp32, int8, recipe.quantize, calibration, batch)
-            run.notes.extend(quantized.notes)
-            run.details["quantization"] = {
-                "mode": quantized.mode,
-                "preprocess": quantized.preprocess,
-                "calibration_samples": quantized.calibration_samples,
-                **quantized.settings,
-            }
+            inputs = {"model": sha256(fp32), "calibration": start.hashes["calibration"], "isa": ",".join(cpu_info()["isa"])}  # type: ignore[arg-type]
+            details = run.cached(
+                "quantize", record, recipe.quantize.model_dump(), inputs, [int8],
+                lambda: quantize_onnx(fp32, int8, recipe.quantize, start.calibration, batch).as_dict(),  # type: ignore[arg-type]
+            )
+            run.notes.extend(details.get("notes", []))
+            run.details["quantization"] = {k: v for k, v in details.items() if k != "notes"}
         run.models["int8"] = describe(int8)
         candidates.append(("int8", int8))
     else:
@@ -340,37 +425,7 @@ def _execute(run: _Run) -> dict[str, Any]:
 
     report = _base_report(run)
     if recipe.verify:
-        from deploytool.runners import OrtRunner, TorchRunner
-        from deploytool.stages.verify import verify_models
-
-        with run.stage("verify"):
-            dataset = validation or calibration or random_dataset(specs, 64)
-            if validation is None:
-                run.notes.append(f"no validation data: verified on {dataset.source}")
-            reference = TorchRunner("reference", model, [s.name for s in specs], outputs)
-            runners = [OrtRunner(name, path, recipe.verify.threads) for name, path in candidates]
-            extra = [OrtRunner("unpruned_fp32", unpruned, recipe.verify.threads)] if unpruned else []
-            if unpruned:
-                run.models["unpruned_fp32"] = describe(unpruned)
-            sizes = {name: m["size_bytes"] for name, m in run.models.items()}
-            result = verify_models(
-                reference, runners, dataset, recipe.data.task, recipe.verify, sizes, run.progress, extra=extra
-            )
-            run.notes.extend(result.notes)
-        fp32_p50 = result.metrics["fp32"].get("latency_ms", {}).get("p50")
-        int8_p50 = result.metrics.get("int8", {}).get("latency_ms", {}).get("p50")
-        if fp32_p50 and int8_p50:
-            result.metrics["int8"]["speedup_vs_fp32"] = round(fp32_p50 / int8_p50, 4)
-            if int8_p50 > fp32_p50:
-                run.notes.append(
-                    f"the int8 model is slower than the fp32 ONNX model on this CPU ({int8_p50:.3f} vs {fp32_p50:.3f} ms p50)"
-                )
-        report.update(
-            metrics=result.metrics,
-            gates=[g.as_dict() for g in result.gates],
-            passed=result.passed,
-            latency_batch=recipe.verify.latency_batch,
-        )
+        report.update(_verify(run, start, candidates, unpruned))
     else:
         run.skip("verify")
         report["passed"] = True
@@ -381,3 +436,38 @@ def _execute(run: _Run) -> dict[str, Any]:
     report = _finite(report)
     write_reports(report, out)
     return report
+
+
+def _verify(run: _Run, start: _Inputs, candidates: list[tuple[str, Path]], unpruned: Path | None) -> dict[str, Any]:
+    """The verify stage of a run: metrics and gates, golden outputs, where int8 loses accuracy."""
+    from deploytool.data import random_dataset
+    from deploytool.runners import TorchRunner
+    from deploytool.stages.verify import verify_and_explain
+
+    recipe = run.recipe
+    assert recipe.verify is not None
+    specs, outputs = recipe.model.inputs, recipe.model.outputs
+    with run.stage("verify"):
+        dataset = start.validation or start.calibration or random_dataset(specs, 64)
+        if start.validation is None:
+            run.notes.append(f"no validation data: verified on {dataset.source}")
+        extra = [("unpruned_fp32", unpruned)] if unpruned else []
+        for name, path in extra:
+            run.models[name] = describe(path)
+        reference = TorchRunner("reference", start.model, [s.name for s in specs], outputs)
+        sizes = {name: m["size_bytes"] for name, m in run.models.items()}
+        # the int8 model against the fp32 one it was made from: where does quantization hurt most?
+        pairs = [("int8", candidates[0][1], candidates[1][1])] if len(candidates) > 1 else []
+        golden = run.out_dir / "golden.npz"
+        fragment = verify_and_explain(reference, candidates, dataset, recipe.data.task, recipe.verify, sizes,
+                                      run.progress, extra, pairs, always_localize=True, golden=golden)
+        run.models["golden"] = describe(golden)
+        run.notes.extend(fragment.pop("notes"))  # type: ignore[arg-type]
+    metrics: dict[str, Any] = fragment["metrics"]  # type: ignore[assignment]
+    fp32_p50 = metrics["fp32"].get("latency_ms", {}).get("p50")
+    int8_p50 = metrics.get("int8", {}).get("latency_ms", {}).get("p50")
+    if fp32_p50 and int8_p50:
+        metrics["int8"]["speedup_vs_fp32"] = round(fp32_p50 / int8_p50, 4)
+        if int8_p50 > fp32_p50:
+            run.notes.append(f"the int8 model is slower than the fp32 ONNX model on this CPU ({int8_p50:.3f} vs {fp32_p50:.3f} ms p50)")
+    return fragment

@@ -41,6 +41,7 @@ class InputSpec(Strict):
 class ModelConfig(Strict):
     factory: str = Field(description="module:callable or path/to/file.py:callable building the nn.Module")
     checkpoint: str | None = Field(None, description="state_dict as .pt/.pth (loaded weights_only) or .safetensors")
+    trust_checkpoint: bool = Field(False, description="allow unpickling arbitrary objects (a full module): runs code from the file")
     inputs: list[InputSpec] = Field(min_length=1)
     outputs: list[str] = Field(min_length=1)
 
@@ -132,6 +133,8 @@ class GatesConfig(Strict):
     min_cosine: float | None = Field(None, ge=-1, description="mean cosine similarity to the reference outputs")
     min_speedup: float | None = Field(None, gt=0, description="reference p50 latency / candidate p50 latency")
     max_size_ratio: float | None = Field(None, gt=0, description="candidate file size / reference checkpoint size")
+    atol: float | None = Field(None, ge=0, description="element-wise: every element within atol or rtol * |reference|")
+    rtol: float | None = Field(None, ge=0)
 
 
 class VerifyConfig(Strict):
@@ -140,6 +143,9 @@ class VerifyConfig(Strict):
     latency_batch: int = Field(1, ge=1, description="batch size for latency measurement")
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
+    min_seconds: float = Field(0.0, ge=0, description="keep timing until this many seconds have passed")
+    throughput_batches: list[int] = Field([], description="also measure throughput at these batch sizes")
+    memory: bool = Field(True, description="measure each ONNX model's inference-session peak memory")
     gates: GatesConfig = GatesConfig()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -98,10 +98,12 @@ class OrtRunner:
         return self.session.run(None, {n: feeds[n] for n in self.input_names})
 
 
-def infer_dataset(runner: Runner, dataset: Dataset, batch_size: int) -> list[np.ndarray]:
-    """All outputs of a runner over a dataset, concatenated along the sample axis."""
-    chunks: list[list[np.ndarray]] = [runner.infer(batch) for batch in dataset.batches(batch_size)]
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+def infer_dataset(runner: Runner, dataset: Dataset, batch_size: int, pad: bool = False) -> list[np.ndarray]:
+    """All outputs of a runner over a dataset, concatenated along the sample axis.
+
+    pad: fill a short last batch up to batch_size (a model with a fixed batch size) and drop the extra outputs."""
+    chunks: list[list[np.ndarray]] = [runner.infer(batch) for batch in dataset.batches(batch_size, pad)]
+    return [np.concatenate([c[i] for c in chunks])[: len(dataset)] for i in range(len(chunks[0]))]
 
 
 @dataclass
@@ -121,15 +123,31 @@ class Latency:
 
 
 def measure_latency(
-    runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], warmup: int, runs: int, progress: object = None
+    runners: Sequence[Runner],
+    feeds: Mapping[str, np.ndarray],
+    warmup: int,
+    runs: int,
+    progress: object = None,
+    min_seconds: float = 0.0,
 ) -> dict[str, Latency]:
-    """Interleaved latency: each round times every runner once, rotating the order between rounds."""
+    """Interleaved latency: each round times every runner once, rotating the order between rounds.
+
+    At least `runs` rounds, and more until `min_seconds` have passed."""
     for runner in runners:
         for _ in range(warmup):
             runner.infer(feeds)
     samples: dict[str, list[float]] = {r.name: [] for r in runners}
     rounds = range(runs) if progress is None else progress.track(range(runs), runs, "measuring latency")  # type: ignore[attr-defined]
-    for i in rounds:
+    deadline = time.perf_counter() + min_seconds
+
+    def all_rounds() -> Iterator[int]:
+        yield from rounds
+        i = runs
+        while time.perf_counter() < deadline:
+            yield i
+            i += 1
+
+    for i in all_rounds():
         k = i % len(runners)
         for runner in [*runners[k:], *runners[:k]]:
             start = time.perf_counter()

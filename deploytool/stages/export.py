@@ -33,6 +33,9 @@ class ExportRecord:
     max_abs_error: float
     notes: list[str] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
 
 def _axes(specs: Sequence[InputSpec], outputs: Sequence[str], dynamic_batch: bool) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {}
@@ -84,7 +87,21 @@ def _export_once(
             )
         proto = onnx.load(str(path))
     proto.producer_name = "deploytool"
+    _strip_trace_metadata(proto.graph)
     return proto
+
+
+def _strip_trace_metadata(graph: onnx.GraphProto) -> None:
+    """Drop per-node tracing metadata (stack traces with local file paths, FX node dumps): it leaks
+    the exporting machine's paths into the artifact and makes identical models differ byte-wise."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attribute in node.attribute:
+            if attribute.g.node:
+                _strip_trace_metadata(attribute.g)
+            for subgraph in attribute.graphs:
+                _strip_trace_metadata(subgraph)
 
 
 def export_onnx(
@@ -102,7 +119,7 @@ def export_onnx(
     model = model.eval()
     if not cfg.dynamic_batch:
         fixed = next((d for d in (specs[0].shape[0],) if isinstance(d, int)), 1)
-        sample = sample.head(fixed)
+        sample = Dataset(next(sample.batches(fixed, pad=True)), None, sample.source)  # exactly the fixed batch
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample.feeds[s.name])) for s in specs)
     attempts = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[cfg.exporter]
     notes: list[str] = []

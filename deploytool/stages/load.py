@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -22,7 +23,8 @@ def resolve_factory(spec: str, base_dir: Path) -> Callable[[], Any]:
         path = Path(target) if Path(target).is_absolute() else (base_dir / target).resolve()
         if not path.is_file():
             raise UserError(f"model factory file not found: {path}")
-        module_name = f"deploytool_user_{abs(hash(str(path)))}"
+        # a stable name: it ends up in exported graphs' metadata, which must not change between runs
+        module_name = f"deploytool_user_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         assert loader_spec is not None and loader_spec.loader is not None
         module = importlib.util.module_from_spec(loader_spec)
@@ -48,8 +50,11 @@ def resolve_factory(spec: str, base_dir: Path) -> Callable[[], Any]:
     return factory
 
 
-def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    """Tensors from .safetensors or a weights_only torch checkpoint; never runs pickled code."""
+def read_state_dict(path: Path, trust: bool = False) -> Mapping[str, torch.Tensor]:
+    """Tensors from .safetensors or a weights_only torch checkpoint; never runs pickled code unless `trust`.
+
+    With `trust`, a pickled full module (its state_dict is taken) or a training checkpoint holding
+    other objects beside the weights also loads; unpickling such a file can run code from it."""
     import torch
 
     if not path.exists():
@@ -65,17 +70,25 @@ def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"cannot read checkpoint {path}: {exc}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # unpickling errors come in many types
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise UserError(
                 f"checkpoint {path} holds more than tensors (pickled objects); refusing to unpickle it",
-                "save model.state_dict() instead, or convert it to .safetensors",
+                "save model.state_dict() instead or convert it to .safetensors; only if you trust the file, "
+                "set [model] trust_checkpoint = true or pass --trust-checkpoint (unpickling can run code from it)",
             ) from None
-        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
+        raise UserError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {reason}",
+            "is it a state_dict written by torch.save, or a .safetensors file? it may be truncated or corrupt",
+        ) from None
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {path} is not a state_dict (a mapping of names to tensors)")
     return state
@@ -122,7 +135,7 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     model.load_state_dict(state, strict=True)
 
 
-def load_model(factory: str, checkpoint: Path | None, base_dir: Path) -> torch.nn.Module:
+def load_model(factory: str, checkpoint: Path | None, base_dir: Path, trust: bool = False) -> torch.nn.Module:
     import torch
 
     build = resolve_factory(factory, base_dir)
@@ -133,7 +146,7 @@ def load_model(factory: str, checkpoint: Path | None, base_dir: Path) -> torch.n
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
-        state = read_state_dict(checkpoint)
+        state = read_state_dict(checkpoint, trust)
         sizes = read_layer_sizes(checkpoint)
         if sizes is not None:  # a pruned model: resize the factory's layers to the saved widths first
             from deploytool.stages.prune import apply_layer_sizes

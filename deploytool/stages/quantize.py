@@ -24,6 +24,11 @@ class QuantizeRecord:
     preprocess: str = "skipped"
     notes: list[str] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, object]:
+        """Flat: the settings sit beside mode, preprocess and the sample count."""
+        flat = {k: v for k, v in self.__dict__.items() if k != "settings"}
+        return {**flat, **self.settings}
+
 
 def _preprocess(in_path: Path, out_path: Path, notes: list[str]) -> str:
     """quant_pre_process with symbolic shape inference, then without it; the raw model if both fail."""
@@ -43,6 +48,14 @@ def _preprocess(in_path: Path, out_path: Path, notes: list[str]) -> str:
         log.debug("quant_pre_process without symbolic shapes failed", exc_info=True)
         notes.append(f"pre-processing failed, quantized the model as is ({str(exc)[:160]})")
         return "failed"
+
+
+def _fixed_batch(path: Path) -> int | None:
+    """The batch size a model with a fixed batch axis accepts; calibration batches must have exactly that size."""
+    from deploytool.stages.inspect import input_specs
+
+    first = input_specs(path)[0].shape[0]
+    return first if isinstance(first, int) else None
 
 
 def resolve_reduce_range(cfg: QuantizeConfig) -> tuple[bool, str]:
@@ -114,10 +127,11 @@ def quantize_onnx(
                         "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile,
                     }[cfg.calibration_method]
+                    fixed = _fixed_batch(source)
                     quantize_static(
                         str(source),
                         str(tmp),
-                        CalibrationReader(calibration, batch_size),
+                        CalibrationReader(calibration, fixed or batch_size, pad=fixed is not None),
                         quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
                         per_channel=cfg.per_channel,
                         reduce_range=reduce_range,

@@ -85,8 +85,49 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _prune_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    p = report["prune"]
+    macs = [_fmt(p.get("macs_before")), _fmt(p.get("macs_after"))]
+    return ["method", "ratio", "params before", "params after", "MACs before", "MACs after", "never pruned"], [
+        [p["method"], _fmt(p["ratio"], 2), _fmt(p["params_before"]), _fmt(p["params_after"]), *macs, ", ".join(p["ignored"]) or "-"]
+    ]
+
+
+def _sensitivity_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    table = report["prune"]["sensitivity"]
+    ratios = sorted({r for row in table.values() for r in row if r != "0"}, key=float)
+    rows = [[layer, *(_fmt(row.get(r)) for r in ratios)] for layer, row in table.items() if layer != "<none>"]
+    return ["layer (pruned alone)", *(f"ratio {r}" for r in ratios)], rows
+
+
+def _distill_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    history = report["distill"]["history"]
+    metric = report["distill"]["metric"]
+    rows = [[str(h["epoch"]), _fmt(h["loss"]), _fmt(h.get(metric))] for h in history]
+    return ["epoch", "loss", f"validation {metric}"], rows
+
+
+def _localization_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for model, where in report["localization"].items():
+        for label in ("first", "worst"):
+            spot = where.get(label)
+            if spot:
+                rows.append([model, label, spot["tensor"], spot["node"], spot["op"], _fmt(spot["cosine_mean"], 5)])
+    return ["model", "tensor", "name", "node", "op", "cosine"], rows
+
+
 def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
-    return [("Models", summary_rows(report)), ("Gates", gate_rows(report)), ("Stages", _stage_rows(report))]
+    sections = [("Models", summary_rows(report)), ("Gates", gate_rows(report)), ("Stages", _stage_rows(report))]
+    if report.get("prune"):
+        sections.append(("Pruning", _prune_rows(report)))
+        if report["prune"].get("sensitivity"):
+            sections.append(("Layer sensitivity (score with only that layer pruned)", _sensitivity_rows(report)))
+    if report.get("distill"):
+        sections.append(("Distillation", _distill_rows(report)))
+    if any(w.get("first") or w.get("worst") for w in report.get("localization", {}).values()):
+        sections.append(("Where outputs diverge", _localization_rows(report)))
+    return sections
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -118,12 +159,24 @@ _CSS = (
 )
 
 
+def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
+    from deploytool.plots import latency_plot, layer_error_plot, models_plot
+
+    plots = [("Size, quality and latency", models_plot(report)), ("Latency", latency_plot(report.get("latency_samples_ms", {})))]
+    for model, where in report.get("localization", {}).items():
+        title = f"Per-layer error of {model} (1 - cosine to the model it was made from, in graph order)"
+        plots.append((title, layer_error_plot(where.get("tensors", []), where.get("first"), f"{model}: 1 - cosine per tensor")))
+    return [(title, uri) for title, uri in plots if uri]
+
+
 def render_html(report: dict[str, Any]) -> str:
     verdict = "PASSED" if report["passed"] else "FAILED"
     body = [f"<h1>deploytool report: {html.escape(report['name'])}</h1>"]
     body.append(f'<p class="verdict-{"pass" if report["passed"] else "fail"}"><strong>Verdict: {verdict}</strong></p>')
     for title, (header, rows) in _sections(report):
         body += [f"<h2>{title}</h2>", _html_table(header, rows)]
+    for title, uri in _plots(report) if report.get("metrics") else []:
+        body.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="{uri}">')
     if report.get("notes"):
         body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in report["notes"]), "</ul>"]
     cpu = report["environment"]["cpu"]

@@ -26,6 +26,9 @@ class SimplifyRecord:
     max_abs_error: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
 
 def simplify_onnx(in_path: Path, out_path: Path, cfg: SimplifyConfig, sample: Dataset) -> SimplifyRecord:
     import onnx
@@ -51,10 +54,14 @@ def simplify_onnx(in_path: Path, out_path: Path, cfg: SimplifyConfig, sample: Da
         candidate = Path(folder) / "simplified.onnx"
         onnx.save(simplified, str(candidate))
         try:
-            expected = OrtRunner("original", in_path).infer(sample.feeds)
-            got = OrtRunner("simplified", candidate).infer(sample.feeds)
+            reference = OrtRunner("original", in_path)
+            fixed = reference.batch_dim()
+            feeds = next(sample.batches(fixed, pad=True)) if fixed else sample.feeds  # a fixed batch takes exactly that many
+            expected = reference.infer(feeds)
+            got = OrtRunner("simplified", candidate).infer(feeds)
         except Exception as exc:
-            return keep_original(f"the simplified model does not run: {exc}")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return keep_original(f"the simplified model does not run: {reason}")
         if any(a.shape != b.shape for a, b in zip(expected, got)):
             return keep_original("the simplified model's output shapes differ")
         worst = max((float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(expected, got)), default=0.0)

@@ -6,10 +6,17 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from deploytool.compare import accuracy, classification_metrics, compare_arrays
+from deploytool.compare import (
+    accuracy,
+    classification_metrics,
+    compare_arrays,
+    regression_metrics,
+    within_tolerance,
+)
 from deploytool.data import Dataset
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import GatesConfig, VerifyConfig
@@ -33,6 +40,8 @@ class VerifyResult:
     metrics: dict[str, dict[str, object]]
     gates: list[Gate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    latency_samples_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -55,17 +64,31 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _fixed_batch(runner: Runner) -> int | None:
+    return runner.batch_dim() if isinstance(runner, OrtRunner) else None
+
+
 def _batch_size(runner: Runner, wanted: int) -> int:
-    fixed = runner.batch_dim() if isinstance(runner, OrtRunner) else None
-    return fixed or wanted
+    return _fixed_batch(runner) or wanted
 
 
 def _output_metrics(
-    names: Sequence[str], reference: list[np.ndarray], candidate: list[np.ndarray], task: str, labels: np.ndarray | None
+    names: Sequence[str],
+    reference: list[np.ndarray],
+    candidate: list[np.ndarray],
+    task: str,
+    labels: np.ndarray | None,
+    tolerance: tuple[float, float] | None = None,
 ) -> dict[str, object]:
     per_output = {name: compare_arrays(r, c) for name, r, c in zip(names, reference, candidate)}
-    valid = all(o["shape_match"] and not o.get("nonfinite") for o in per_output.values())
+    for name, r, c in zip(names, reference, candidate):
+        per_output[name]["dtype_match"] = r.dtype == c.dtype
+        if tolerance is not None and r.shape == c.shape:
+            per_output[name]["within_tolerance"] = within_tolerance(r, c, *tolerance)
+    valid = all(o["shape_match"] and o["dtype_match"] and not o.get("nonfinite") for o in per_output.values())
     metrics: dict[str, object] = {"outputs": per_output, "outputs_valid": valid}
+    if tolerance is not None:
+        metrics["within_tolerance"] = min(float(o.get("within_tolerance", 0.0)) for o in per_output.values())  # type: ignore[arg-type]
     if valid:
         metrics["cosine_mean"] = min(float(o["cosine_mean"]) for o in per_output.values())  # type: ignore[arg-type]
         metrics["cosine_min"] = min(float(o["cosine_min"]) for o in per_output.values())  # type: ignore[arg-type]
@@ -73,6 +96,8 @@ def _output_metrics(
         metrics["snr_db"] = min(float(o["snr_db"]) for o in per_output.values())  # type: ignore[arg-type]
         if task == "classification":
             metrics.update(classification_metrics(reference[0], candidate[0], labels))
+        elif task == "regression" and labels is not None:
+            metrics.update(regression_metrics(candidate[0], labels))
     return metrics
 
 
@@ -94,7 +119,16 @@ def _gates(name: str, metrics: dict[str, object], reference: dict[str, object], 
     add("min_cosine", metrics.get("cosine_mean"), gates.min_cosine, higher_is_better=True)
     add("min_speedup", metrics.get("speedup"), gates.min_speedup, higher_is_better=True)
     add("max_size_ratio", metrics.get("size_ratio"), gates.max_size_ratio, higher_is_better=False)
+    if gates.atol is not None or gates.rtol is not None:
+        add("within_tolerance", metrics.get("within_tolerance"), 1.0, higher_is_better=True)
     return result
+
+
+def tolerance_of(gates: GatesConfig) -> tuple[float, float] | None:
+    """(atol, rtol) of the element-wise tolerance gate, or None when neither is set."""
+    if gates.atol is None and gates.rtol is None:
+        return None
+    return gates.atol or 0.0, gates.rtol or 0.0
 
 
 def verify_models(
@@ -117,22 +151,38 @@ def verify_models(
     with torch_threads(cfg.threads):
         runners = [reference, *candidates, *extra]
         outputs = {
-            r.name: infer_dataset(r, dataset, _batch_size(r, cfg.batch_size))
+            r.name: infer_dataset(r, dataset, _batch_size(r, cfg.batch_size), pad=_fixed_batch(r) is not None)
             for r in progress.track(runners, len(runners), "running validation data")
         }
+        result.outputs = outputs
         ref_metrics: dict[str, object] = {}
         if task == "classification" and dataset.labels is not None:
             ref_metrics["accuracy"] = accuracy(outputs[reference.name][0], dataset.labels)
         result.metrics[reference.name] = ref_metrics
+        if task == "regression" and dataset.labels is not None:
+            ref_metrics.update(regression_metrics(outputs[reference.name][0], dataset.labels))
         for runner in [*candidates, *extra]:
-            result.metrics[runner.name] = _output_metrics(names, outputs[reference.name], outputs[runner.name], task, dataset.labels)
+            result.metrics[runner.name] = _output_metrics(
+                names, outputs[reference.name], outputs[runner.name], task, dataset.labels, tolerance_of(cfg.gates)
+            )
         latency_batch = min(cfg.latency_batch, len(dataset))
-        timed = [r for r in runners if _batch_size(r, latency_batch) == latency_batch]
-        for r in runners:
+        timeable = [r for r in runners if getattr(r, "timeable", True)]
+        timed = [r for r in timeable if _batch_size(r, latency_batch) == latency_batch]
+        for r in timeable:
             if r not in timed:
                 result.notes.append(f"{r.name}: fixed batch size differs from latency_batch {latency_batch}; not timed")
         feeds = next(dataset.head(latency_batch).batches(latency_batch))
-        latencies = measure_latency(timed, feeds, cfg.warmup, cfg.runs, progress)
+        latencies = measure_latency(timed, feeds, cfg.warmup, cfg.runs, progress, cfg.min_seconds)
+        result.latency_samples_ms = {name: lat.samples_ms for name, lat in latencies.items()}
+        for batch in cfg.throughput_batches:
+            if batch > len(dataset):
+                result.notes.append(f"throughput at batch {batch} skipped: only {len(dataset)} samples")
+                continue
+            feeds = next(dataset.batches(batch))
+            batched = [r for r in timeable if _batch_size(r, batch) == batch]
+            for name, lat in measure_latency(batched, feeds, 2, max(10, cfg.runs // 5), None).items():
+                throughput = result.metrics[name].setdefault("throughput", {})
+                throughput[str(batch)] = round(batch * 1000.0 / lat.percentile(50), 2)  # type: ignore[index]
     ref_p50 = latencies[reference.name].percentile(50) if reference.name in latencies else None
     for runner in runners:
         metrics = result.metrics[runner.name]
@@ -147,3 +197,65 @@ def verify_models(
     for runner in candidates:
         result.gates.extend(_gates(runner.name, result.metrics[runner.name], ref_metrics, cfg.gates))
     return result
+
+
+def verify_and_explain(
+    reference: Runner,
+    candidates: Sequence[tuple[str, Path]],
+    dataset: Dataset,
+    task: str,
+    cfg: VerifyConfig,
+    sizes: dict[str, int] | None = None,
+    progress: Progress | None = None,
+    extra: Sequence[tuple[str, Path]] = (),
+    localize_pairs: Sequence[tuple[str, Path, Path]] = (),
+    always_localize: bool = False,
+    golden: Path | None = None,
+) -> dict[str, object]:
+    """verify_models on ONNX files, plus what explains the verdict: session memory, where failing
+    candidates diverge (pairs of name, base model, candidate model), golden outputs. A report fragment."""
+    from deploytool.golden import save_golden
+    from deploytool.localize import localize
+    from deploytool.memory import session_peak_bytes
+
+    runners = [OrtRunner(name, path, cfg.threads) for name, path in candidates]
+    extras = [OrtRunner(name, path, cfg.threads) for name, path in extra]
+    result = verify_models(reference, runners, dataset, task, cfg, sizes, progress, extra=extras)
+    if golden is not None:
+        save_golden(golden, dataset, reference.output_names, result.outputs[reference.name], reference.name)
+    feeds = next(dataset.batches(min(cfg.latency_batch, len(dataset))))
+    if cfg.memory:
+        for name, path in [*candidates, *extra]:
+            result.metrics[name]["peak_memory_bytes"] = session_peak_bytes(path, feeds, cfg.threads)
+    failed = {g.model for g in result.failed}
+    threshold = cfg.gates.min_cosine or 0.99
+    localization = {
+        name: localize(base, path, next(dataset.batches(32)), threshold)
+        for name, base, path in localize_pairs
+        if always_localize or name in failed
+    }
+    notes = list(result.notes)
+    for name, where in localization.items():
+        spot = where.get("first") if name in failed else None
+        if spot:
+            worst = where["worst"]
+            notes.append(
+                f"{name} first diverges at tensor '{spot['tensor']}' (node '{spot['node']}', {spot['op']}, cosine "
+                f"{spot['cosine_mean']:.4f}); worst at '{worst['tensor']}' (node '{worst['node']}', cosine {worst['cosine_mean']:.4f})"
+            )
+    for gate in result.failed:
+        if gate.name == "within_tolerance":
+            for output, stats in result.metrics[gate.model]["outputs"].items():  # type: ignore[union-attr]
+                notes.append(
+                    f"{gate.model} output '{output}': smallest atol that passes {stats['min_atol']:.3g} (rtol 0), "
+                    f"smallest rtol {stats['min_rtol']:.3g} (atol 0)"
+                )
+    return {
+        "metrics": result.metrics,
+        "gates": [g.as_dict() for g in result.gates],
+        "passed": result.passed,
+        "latency_batch": min(cfg.latency_batch, len(dataset)),
+        "latency_samples_ms": {k: [round(v, 4) for v in vals] for k, vals in result.latency_samples_ms.items()},
+        "localization": localization,
+        "notes": notes,
+    }

@@ -1,0 +1,79 @@
+"""Plots for the HTML report, rendered by matplotlib to PNG and embedded as data URIs."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+
+def _figure(width: float = 7.0, height: float = 3.2, columns: int = 1) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(width, height), dpi=110)
+
+
+def _encode(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def latency_plot(samples: dict[str, list[float]]) -> str | None:
+    """Latency distribution per model (box plot, log scale when the spread is wide)."""
+    if not samples:
+        return None
+    fig, ax = _figure()
+    names = list(samples)
+    ax.boxplot([samples[n] for n in names], vert=False, showfliers=True, flierprops={"markersize": 2})
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set_xlabel("latency per call (ms)")
+    values = [v for n in names for v in samples[n]]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_xscale("log")
+    ax.set_title("Latency distribution (interleaved runs)")
+    return _encode(fig)
+
+
+def layer_error_plot(tensors: list[dict[str, Any]], first: dict[str, Any] | None, title: str) -> str | None:
+    """1 - cosine per intermediate tensor, in graph order; the first diverging tensor is marked."""
+    if not tensors:
+        return None
+    fig, ax = _figure(7.0, 3.6)
+    errors = [max(1.0 - float(t["cosine_mean"]), 1e-9) if t["cosine_mean"] == t["cosine_mean"] else 2.0 for t in tensors]
+    colours = ["#c0392b" if first and t["tensor"] == first["tensor"] else "#2c7fb8" for t in tensors]
+    ax.bar(range(len(tensors)), errors, color=colours)
+    ax.set_yscale("log")
+    ax.set_ylabel("1 - cosine")
+    step = max(1, len(tensors) // 30)
+    ax.set_xticks(range(0, len(tensors), step), [tensors[i]["tensor"][:18] for i in range(0, len(tensors), step)],
+                  rotation=70, fontsize=7)
+    ax.set_title(title)
+    return _encode(fig)
+
+
+def models_plot(report: dict[str, Any]) -> str | None:
+    """File size, accuracy (or cosine) and p50 latency of each model, side by side."""
+    names = [n for n in report["metrics"] if n in report["models"]]
+    if not names:
+        return None
+    fig, axes = _figure(9.0, 3.0, columns=3)
+    sizes = [report["models"][n].get("size_bytes", 0) / 1024 for n in names]
+    quality_key = "accuracy" if any("accuracy" in report["metrics"][n] for n in names) else "cosine_mean"
+    quality = [report["metrics"][n].get(quality_key) or 0.0 for n in names]
+    latency = [report["metrics"][n].get("latency_ms", {}).get("p50") or 0.0 for n in names]
+    for ax, values, label in zip(axes, (sizes, quality, latency), ("size (KB)", quality_key, "p50 latency (ms)")):
+        ax.barh(names, values, color="#2c7fb8")
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+    if quality_key == "accuracy" and quality:
+        low = min(q for q in quality if q) if any(quality) else 0.0
+        axes[1].set_xlim(max(0.0, low - 0.05), 1.0)
+    return _encode(fig)
