@@ -348,25 +348,45 @@ def simplify_cmd(model: Path, out: Path, data: Path | None, force: bool) -> None
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights; auto turns it on for CPUs without int8 dot-product instructions.")
 @click.option("--exclude", "exclude_nodes", multiple=True, help="Node name to keep in float; repeatable.")
+@click.option("--op-type", "op_types", multiple=True, help="Quantize only these op types; repeatable.")
+@click.option("--optimize", type=click.Choice(["none", "transformer"]), default="none", show_default=True,
+              help="ONNX Runtime transformer fusions before quantizing.")
+@click.option("--auto-mixed-precision", is_flag=True, help="Keep the most sensitive nodes in float until the targets hold (needs --data).")
+@click.option("--speed-search", is_flag=True, help="If int8 is slower than fp32 here, try cheaper variants (needs --data).")
+@click.option("--data", type=click.Path(path_type=Path), help="Validation data the searches score on (labels enable the accuracy target).")
+@click.option("--min-cosine", default=0.99, show_default=True, type=float, help="Search target: output cosine to the fp32 model.")
+@click.option("--max-accuracy-drop", type=float, help="Search target: accuracy drop against the fp32 model (needs labels).")
+@click.option("--threads", default=2, show_default=True, type=int, help="Threads for the speed search's timings.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def quantize_cmd(model: Path, out: Path, calibration: Path | None, mode: str, fmt: str, method: str, per_channel: bool,
-                 activation_type: str, weight_type: str, reduce_range: str, exclude_nodes: tuple[str, ...], force: bool) -> None:
+                 activation_type: str, weight_type: str, reduce_range: str, exclude_nodes: tuple[str, ...],
+                 op_types: tuple[str, ...], optimize: str, auto_mixed_precision: bool, speed_search: bool, data: Path | None,
+                 min_cosine: float, max_accuracy_drop: float | None, threads: int, force: bool) -> None:
     """Quantize an ONNX file to int8 with ONNX Runtime (static with calibration data, or dynamic)."""
     from deploytool.data import load_dataset
+    from deploytool.progress import RichProgress
     from deploytool.recipe import QuantizeConfig
     from deploytool.stages.inspect import input_specs
-    from deploytool.stages.quantize import quantize_onnx
+    from deploytool.stages.quantize import Targets, quantize_onnx
 
     specs = input_specs(model)
     if mode == "static" and calibration is None:
         raise UserError("static quantization needs --calibration data", "or use --mode dynamic")
+    if (auto_mixed_precision or speed_search) and data is None:
+        raise UserError("--auto-mixed-precision and --speed-search need --data to score on")
     cfg = _validated(QuantizeConfig, mode=mode, format=fmt, calibration_method=method, per_channel=per_channel,
                      activation_type=activation_type, weight_type=weight_type,
-                     reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range], exclude_nodes=list(exclude_nodes))
+                     reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range], exclude_nodes=list(exclude_nodes),
+                     op_types=list(op_types) or None, optimize=optimize, auto_mixed_precision=auto_mixed_precision,
+                     speed_search=speed_search)
     _check_output(out, force)
-    data = load_dataset(calibration, specs) if calibration else None
+    calibration_data = load_dataset(calibration, specs) if calibration else None
+    evaluation = load_dataset(data, specs) if data else None
     batch = 16 if isinstance(specs[0].shape[0], str) else 1
-    record = quantize_onnx(model, out, cfg, data, batch)
+    record = quantize_onnx(model, out, cfg, calibration_data, batch, evaluation, Targets(min_cosine, max_accuracy_drop), threads,
+                           RichProgress(_console(stderr=True)))
+    for node in record.float_nodes:
+        click.echo(f"kept in float: {node['node']} ({node['op']}): {node['why']}")
     for note in record.notes:
         click.echo(f"note: {note}")
     click.echo(f"wrote {out} ({mode}, reduce_range={record.settings['reduce_range']}: {record.settings['reduce_range_reason']})")

@@ -10,14 +10,14 @@ spec's first, batch, axis), plus optional labels. Sources:
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from deploytool.errors import UserError
-from deploytool.recipe import InputSpec
+from deploytool.recipe import ImageConfig, InputSpec
 
 
 @dataclass
@@ -116,11 +116,96 @@ def _check_input(array: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     return array.astype(expected, copy=False)
 
 
-def load_dataset(path: Path, specs: Sequence[InputSpec], labels_key: str = "labels") -> Dataset:
-    """Load and check a dataset for a model with the given input specs."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_callable_source(text: str) -> bool:
+    """'package.module:callable' or 'path/file.py:callable' (as opposed to a file or folder path)."""
+    target, sep, attr = text.rpartition(":")
+    return bool(sep and target and attr.isidentifier() and (target.endswith(".py") or "/" not in target))
+
+
+def _read_images(path: Path, specs: Sequence[InputSpec], image: ImageConfig) -> dict[str, np.ndarray]:
+    """Decode, resize, centre-crop and normalise every image under `path`; sub-folder names are class labels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(specs) != 1:
+        raise UserError(f"image folder {path}: image data only works for single-input models")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted({p.parent.relative_to(path).parts[0] for p in files if p.parent != path})
+    arrays = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                img = img.convert("L" if image.color == "gray" else "RGB")
+                if image.resize:
+                    img = img.resize((image.resize[1], image.resize[0]), Image.BILINEAR)
+                if image.crop:
+                    left, top = (img.width - image.crop[1]) // 2, (img.height - image.crop[0]) // 2
+                    img = img.crop((left, top, left + image.crop[1], top + image.crop[0]))
+                array = np.asarray(img, dtype=np.float32)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise UserError(f"cannot read image {file}: {exc}") from None
+        array = array[:, :, None] if array.ndim == 2 else array
+        array = array * image.scale
+        array = (array - np.asarray(image.mean, np.float32)) / np.asarray(image.std, np.float32)
+        arrays.append(array.transpose(2, 0, 1) if image.layout == "nchw" else array)
+    if not arrays:
+        raise UserError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UserError(f"image folder {path}: images have different sizes {sorted(shapes)[:3]}",
+                        "set [data.image] resize and/or crop so that every image ends up the same size")
+    result = {specs[0].name: np.stack(arrays)}
+    if classes and all(p.parent != path for p in files):
+        result["labels"] = np.array([classes.index(p.relative_to(path).parts[0]) for p in files], dtype=np.int64)
+    return result
+
+
+def _read_callable(source: str, specs: Sequence[InputSpec], base_dir: Path) -> dict[str, np.ndarray]:
+    """Call a user function and stack what it yields: dicts of arrays keyed by input name (one batch each),
+    or plain arrays for single-input models."""
+    from deploytool.stages.load import resolve_factory
+
+    function = resolve_factory(source, base_dir)
+    parts: dict[str, list[np.ndarray]] = {}
+    try:
+        for item in function():
+            batch = item if isinstance(item, dict) else {specs[0].name: item}
+            for key, value in batch.items():
+                parts.setdefault(key, []).append(np.asarray(value))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"data callable '{source}' raised {type(exc).__name__}: {exc}") from None
+    if not parts:
+        raise UserError(f"data callable '{source}' yielded nothing")
+    try:
+        return {key: np.concatenate(chunks) for key, chunks in parts.items()}
+    except ValueError as exc:
+        raise UserError(f"data callable '{source}': batches do not stack: {exc}") from None
+
+
+def load_dataset(
+    path: Path | str,
+    specs: Sequence[InputSpec],
+    labels_key: str = "labels",
+    image: ImageConfig | None = None,
+    base_dir: Path | None = None,
+) -> Dataset:
+    """Load and check a dataset for a model with the given input specs.
+
+    `path` is an .npz/.npy file, a folder of them, an image folder (with `image` preprocessing),
+    or a 'module:callable' / 'file.py:callable' yielding batches."""
+    if is_callable_source(str(path)) and not Path(path).exists():
+        arrays = _read_callable(str(path), specs, base_dir or Path.cwd())
+        return _checked(arrays, specs, labels_key, str(path))
+    path = Path(path)
     if not path.exists():
         raise UserError(f"data not found: {path}")
-    if path.is_dir():
+    if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        arrays = _read_images(path, specs, image or ImageConfig())
+    elif path.is_dir():
         arrays = _read_folder(path, specs)
     elif path.suffix == ".npz":
         arrays = _read_npz(path)
@@ -128,6 +213,11 @@ def load_dataset(path: Path, specs: Sequence[InputSpec], labels_key: str = "labe
         arrays = {specs[0].name: _read_npy(path)}
     else:
         raise UserError(f"unsupported data source {path}", "use an .npz file keyed by input name or a folder of them")
+    return _checked(arrays, specs, labels_key, str(path))
+
+
+def _checked(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], labels_key: str, path: str) -> Dataset:
+    """A Dataset from raw arrays, after checking names, shapes, dtypes, values and labels against the specs."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -172,19 +262,41 @@ def random_dataset(specs: Sequence[InputSpec], samples: int, seed: int = 0) -> D
 
 
 class CalibrationReader:
-    """onnxruntime CalibrationDataReader over a Dataset, batch by batch."""
+    """onnxruntime CalibrationDataReader over a Dataset, batch by batch.
 
-    def __init__(self, dataset: Dataset, batch_size: int, pad: bool = False) -> None:
+    Supports onnxruntime's strided calibration (`set_range` over batch indices), which keeps
+    only one chunk of activations in memory at a time; `on_batch` reports progress."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, pad: bool = False, on_batch: Callable[[], None] | None = None) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.pad = pad
-        self.rewind()
+        self.on_batch = on_batch
+        self.set_range(0, len(self))
 
     def rewind(self) -> None:
-        self._batches = self.dataset.batches(self.batch_size, self.pad)
+        self.set_range(0, len(self))
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._index, self._end = start_index, min(end_index, len(self))
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        if self._index >= self._end:
+            return None
+        start = self._index * self.batch_size
+        self._index += 1
+        if self.on_batch is not None:
+            self.on_batch()
+        index = np.arange(start, start + self.batch_size)
+        if not self.pad:  # a fixed batch size wraps around to the first samples; a dynamic one ends short
+            index = index[index < len(self.dataset)]
+        return {k: v[index % len(self.dataset)] for k, v in self.dataset.feeds.items()}
+
+    def stride(self, most: int) -> int:
+        """The largest number of batches per chunk, at most `most`, that divides the batch count
+        (onnxruntime requires chunks of equal size)."""
+        count = len(self)
+        return max(d for d in range(1, min(most, count) + 1) if count % d == 0)

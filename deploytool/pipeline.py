@@ -17,6 +17,7 @@ from typing import Any
 
 from deploytool.artifacts import describe, sha256
 from deploytool.cache import StageCache, content_hash, stage_key
+from deploytool.data import is_callable_source
 from deploytool.errors import DeployError, StageError, UserError
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import Recipe
@@ -98,7 +99,7 @@ def preflight(recipe: Recipe) -> None:
         paths += [("[distill] train", recipe.distill.train), ("[distill] validation", recipe.distill.validation),
                   ("[distill] student_checkpoint", recipe.distill.student_checkpoint)]
     for key, value in paths:
-        if value is not None and not recipe.resolve(value).exists():
+        if value is not None and not is_callable_source(value) and not recipe.resolve(value).exists():
             raise UserError(f"{key} not found: {recipe.resolve(value)}", f"check {key}")
     if recipe.quantize is not None and recipe.quantize.mode == "static" and recipe.data.calibration is None:
         raise UserError("[quantize] mode = \"static\" needs [data] calibration", "add calibration data or use mode = \"dynamic\"")
@@ -226,6 +227,26 @@ def _write_failed_report(run: _Run) -> None:
         log.exception("could not write the report of a failed run")
 
 
+def data_source(recipe: Recipe, value: str) -> Any:
+    """A recipe's data entry loaded: a path relative to the recipe, or a module:callable."""
+    from deploytool.data import load_dataset
+
+    source: Path | str = value if is_callable_source(value) and not recipe.resolve(value).exists() else recipe.resolve(value)
+    return load_dataset(source, recipe.model.inputs, recipe.data.labels, recipe.data.image, recipe.base_dir)
+
+
+def source_hash(recipe: Recipe, value: str | None) -> str | None:
+    """What identifies a data entry for the stage cache: its files' contents, or a callable's source file."""
+    if value is None:
+        return None
+    if is_callable_source(value) and not recipe.resolve(value).exists():
+        from deploytool.stages.load import resolve_factory
+
+        source = inspect.getsourcefile(resolve_factory(value, recipe.base_dir))
+        return f"{value}@{sha256(Path(source)) if source else 'unknown'}"
+    return content_hash(recipe.resolve(value))
+
+
 @dataclass
 class _Inputs:
     """What the PyTorch-side stages start from, and the hashes cache keys are built on."""
@@ -238,7 +259,7 @@ class _Inputs:
 
 
 def _load(recipe: Recipe) -> _Inputs:
-    from deploytool.data import load_dataset, random_dataset
+    from deploytool.data import random_dataset
     from deploytool.stages.load import load_model, resolve_factory
 
     specs = recipe.model.inputs
@@ -248,9 +269,9 @@ def _load(recipe: Recipe) -> _Inputs:
         log.warning("trust_checkpoint is set: %s was unpickled without restrictions", checkpoint)
     calibration = validation = None
     if recipe.data.calibration:
-        calibration = load_dataset(recipe.resolve(recipe.data.calibration), specs, recipe.data.labels)
+        calibration = data_source(recipe, recipe.data.calibration)
     if recipe.data.validation:
-        validation = load_dataset(recipe.resolve(recipe.data.validation), specs, recipe.data.labels)
+        validation = data_source(recipe, recipe.data.validation)
         if recipe.verify and recipe.verify.gates.max_accuracy_drop is not None and validation.labels is None:
             raise UserError(f"{validation.source}: no '{recipe.data.labels}' array, but gate max_accuracy_drop needs labels")
     sample = (validation or calibration or random_dataset(specs, 2)).head(2)
@@ -259,8 +280,9 @@ def _load(recipe: Recipe) -> _Inputs:
         "model": recipe.model.model_dump_json(),
         "checkpoint": sha256(checkpoint) if checkpoint else None,
         "factory_source": sha256(Path(source)) if source and Path(source).is_file() else None,
-        "calibration": content_hash(recipe.resolve(recipe.data.calibration)) if recipe.data.calibration else None,
-        "validation": content_hash(recipe.resolve(recipe.data.validation)) if recipe.data.validation else None,
+        "calibration": source_hash(recipe, recipe.data.calibration),
+        "validation": source_hash(recipe, recipe.data.validation),
+        "image": recipe.data.image.model_dump_json() if recipe.data.image else None,
         "task": recipe.data.task,
     }
     return _Inputs(model, calibration, validation, sample, hashes)
@@ -271,7 +293,6 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
     written and nothing is cached (a torchrun follower that only takes part in distillation)."""
     from contextlib import nullcontext
 
-    from deploytool.data import load_dataset
     from deploytool.stages.load import load_model
 
     specs, task = recipe.model.inputs, recipe.data.task
@@ -307,8 +328,8 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
 
         cfg = recipe.distill
         with stage("distill") as record:
-            train = load_dataset(recipe.resolve(cfg.train), specs, recipe.data.labels) if cfg.train else start.calibration
-            val = load_dataset(recipe.resolve(cfg.validation), specs, recipe.data.labels) if cfg.validation else start.validation
+            train = data_source(recipe, cfg.train) if cfg.train else start.calibration
+            val = data_source(recipe, cfg.validation) if cfg.validation else start.validation
             student = final
             if cfg.student_factory:
                 checkpoint = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
@@ -331,8 +352,8 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
                 compute()
                 return trained[0], identity
             inputs = {**identity, "teacher": start.hashes["checkpoint"], "world_size": str(world()[1]),
-                      "train": content_hash(recipe.resolve(cfg.train)) if cfg.train else start.hashes["calibration"],
-                      "val": content_hash(recipe.resolve(cfg.validation)) if cfg.validation else start.hashes["validation"]}
+                      "train": source_hash(recipe, cfg.train) if cfg.train else start.hashes["calibration"],
+                      "val": source_hash(recipe, cfg.validation) if cfg.validation else start.hashes["validation"]}
             # a data-parallel run must not skip training while the other ranks wait for it
             details = compute() if world()[1] > 1 else run.cached("distill", record, cfg.model_dump(), inputs, [path], compute)
             assert path is not None
@@ -373,8 +394,7 @@ def _execute(run: _Run) -> dict[str, Any]:
     simplify = recipe.simplify is not None and recipe.simplify.enabled
     exported = out / "model.exported.onnx" if simplify else out / "model.onnx"
     unpruned = out / "model.unpruned.onnx" if final is not start.model else None
-    sample_hash = content_hash(recipe.resolve(recipe.data.validation or recipe.data.calibration)) if (
-        recipe.data.validation or recipe.data.calibration) else "random"
+    sample_hash = source_hash(recipe, recipe.data.validation or recipe.data.calibration) or "random"
     with run.stage("export") as record:
         def export(model: Any, path: Path) -> Callable[[], dict[str, Any]]:
             return lambda: export_onnx(model, specs, outputs, recipe.export, start.sample, path).as_dict()
@@ -406,15 +426,24 @@ def _execute(run: _Run) -> dict[str, Any]:
     candidates = [("fp32", fp32)]
     if recipe.quantize and recipe.quantize.mode != "none":
         from deploytool.hardware import cpu_info
-        from deploytool.stages.quantize import quantize_onnx
+        from deploytool.stages.quantize import Targets, quantize_onnx
 
         int8 = out / "model.int8.onnx"
         with run.stage("quantize") as record:
             batch = 16 if recipe.export.dynamic_batch else 1
-            inputs = {"model": sha256(fp32), "calibration": start.hashes["calibration"], "isa": ",".join(cpu_info()["isa"])}  # type: ignore[arg-type]
+            cfg = recipe.quantize
+            gates = recipe.verify.gates if recipe.verify else None
+            targets = Targets(
+                min_cosine=cfg.min_cosine or (gates.min_cosine if gates and gates.min_cosine else 0.99),
+                max_accuracy_drop=cfg.max_accuracy_drop if cfg.max_accuracy_drop is not None else (gates.max_accuracy_drop if gates else None),
+            )
+            threads = recipe.verify.threads if recipe.verify else 2
+            evaluation = start.validation or start.calibration
+            inputs = {"model": sha256(fp32), "calibration": start.hashes["calibration"], "validation": start.hashes["validation"],
+                      "isa": ",".join(cpu_info()["isa"]), "targets": str(targets), "threads": str(threads)}  # type: ignore[arg-type]
             details = run.cached(
-                "quantize", record, recipe.quantize.model_dump(), inputs, [int8],
-                lambda: quantize_onnx(fp32, int8, recipe.quantize, start.calibration, batch).as_dict(),  # type: ignore[arg-type]
+                "quantize", record, cfg.model_dump(), inputs, [int8],
+                lambda: quantize_onnx(fp32, int8, cfg, start.calibration, batch, evaluation, targets, threads, run.progress).as_dict(),
             )
             run.notes.extend(details.get("notes", []))
             run.details["quantization"] = {k: v for k, v in details.items() if k != "notes"}
@@ -470,4 +499,11 @@ def _verify(run: _Run, start: _Inputs, candidates: list[tuple[str, Path]], unpru
         metrics["int8"]["speedup_vs_fp32"] = round(fp32_p50 / int8_p50, 4)
         if int8_p50 > fp32_p50:
             run.notes.append(f"the int8 model is slower than the fp32 ONNX model on this CPU ({int8_p50:.3f} vs {fp32_p50:.3f} ms p50)")
+    threshold = recipe.verify.gates.min_speedup_vs_fp32
+    if threshold is not None and len(candidates) > 1:
+        value = metrics["int8"].get("speedup_vs_fp32")
+        passed = value is not None and value >= threshold
+        fragment["gates"].append({"name": "min_speedup_vs_fp32", "model": "int8", "value": value,  # type: ignore[union-attr]
+                                  "threshold": threshold, "passed": passed})
+        fragment["passed"] = bool(fragment["passed"]) and passed
     return fragment

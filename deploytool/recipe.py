@@ -54,9 +54,29 @@ class ModelConfig(Strict):
         return factory
 
 
+class ImageConfig(Strict):
+    """How images in an image folder become model inputs: decode, resize, centre-crop, scale, normalise."""
+
+    resize: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width]")
+    crop: list[int] | None = Field(None, min_length=2, max_length=2, description="centre crop [height, width]")
+    color: Literal["rgb", "gray"] = "rgb"
+    scale: float = Field(1 / 255, gt=0, description="pixel values are multiplied by this first")
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+    layout: Literal["nchw", "nhwc"] = "nchw"
+
+    @field_validator("std")
+    @classmethod
+    def _nonzero(cls, std: list[float]) -> list[float]:
+        if not std or any(v == 0 for v in std):
+            raise ValueError("std values must be non-zero")
+        return std
+
+
 class DataConfig(Strict):
-    calibration: str | None = None
+    calibration: str | None = Field(None, description=".npz, folder of .npz/.npy, image folder, or module:callable")
     validation: str | None = None
+    image: ImageConfig | None = Field(None, description="preprocessing for image folders")
     task: Literal["classification", "embedding", "regression", "generic"] = "classification"
     labels: str = Field("labels", description="key of the labels array in validation data")
 
@@ -125,6 +145,17 @@ class QuantizeConfig(Strict):
     op_types: list[str] | None = None
     exclude_nodes: list[str] = []
     preprocess: bool = True
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    calibration_chunk: int = Field(8, ge=1, description="batches per calibration chunk: bounds calibration memory")
+    optimize: Literal["none", "transformer"] = Field("none", description="ONNX Runtime transformer fusions before quantizing")
+    num_heads: int = Field(0, ge=0, description="attention heads, for optimize = \"transformer\" (0: detect)")
+    hidden_size: int = Field(0, ge=0, description="hidden size, for optimize = \"transformer\" (0: detect)")
+    auto_mixed_precision: bool = Field(False, description="keep the most sensitive nodes in float until the targets hold")
+    speed_search: bool = Field(False, description="when int8 is slower than fp32, try cheaper variants")
+    min_cosine: float | None = Field(None, description="target for the searches; default: [verify.gates] min_cosine or 0.99")
+    max_accuracy_drop: float | None = Field(None, ge=0, description="target for the searches; default: [verify.gates]")
+    search_samples: int = Field(256, ge=1, description="validation samples the searches score on")
 
 
 class GatesConfig(Strict):
@@ -133,6 +164,7 @@ class GatesConfig(Strict):
     min_cosine: float | None = Field(None, ge=-1, description="mean cosine similarity to the reference outputs")
     min_speedup: float | None = Field(None, gt=0, description="reference p50 latency / candidate p50 latency")
     max_size_ratio: float | None = Field(None, gt=0, description="candidate file size / reference checkpoint size")
+    min_speedup_vs_fp32: float | None = Field(None, gt=0, description="int8 only: fp32 ONNX p50 latency / int8 p50 latency")
     atol: float | None = Field(None, ge=0, description="element-wise: every element within atol or rtol * |reference|")
     rtol: float | None = Field(None, ge=0)
 

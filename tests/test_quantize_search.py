@@ -1,0 +1,161 @@
+"""Quantization that keeps accuracy: automatic mixed precision, speed awareness, calibration sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import DIGITS, ROOT, invoke
+
+
+def test_mixed_precision_keeps_the_fewest_sensitive_nodes_in_float(digits_run: tuple[Any, Path], calib: Any, val: Any,
+                                                                  tmp_path: Path) -> None:
+    from deploytool.recipe import QuantizeConfig
+    from deploytool.stages.quantize import Targets, quantize_onnx
+
+    _, out = digits_run
+    fp32 = out / "model.onnx"
+    cfg = QuantizeConfig(auto_mixed_precision=True)
+    plain = quantize_onnx(fp32, tmp_path / "plain.onnx", QuantizeConfig(), calib, evaluation=val,
+                          targets=Targets(min_cosine=0.0))
+    assert plain.float_nodes == []
+    # a target the fully quantized model misses (its cosine to fp32 is about 0.9999)
+    target = Targets(min_cosine=0.99996)
+    records = [quantize_onnx(fp32, tmp_path / f"amp{i}.onnx", cfg, calib, evaluation=val, targets=target) for i in range(2)]
+    first = records[0]
+    assert first.attempts[0]["search"] == "default" and not first.attempts[0]["meets_targets"]
+    assert 0 < len(first.float_nodes) < 6
+    assert all("lowers output cosine" in str(n["why"]) for n in first.float_nodes)
+    sensitivities = [float(n["sensitivity"]) for n in first.float_nodes]  # type: ignore[arg-type]
+    assert sensitivities == sorted(sensitivities, reverse=True)
+    # the chosen model meets the target, and one fewer float node would not
+    chosen = [a for a in first.attempts if a.get("float_nodes") == len(first.float_nodes)]
+    assert chosen and chosen[-1]["meets_targets"] and chosen[-1]["cosine"] >= 0.99996
+    assert not any(a["meets_targets"] for a in first.attempts if a.get("float_nodes") == len(first.float_nodes) - 1)
+    # bisection, not one quantization per node count
+    assert first.settings["quantizations"] <= 1 + 6 + 1 + 4 + 1
+    # deterministic: same nodes, same bytes
+    assert records[1].float_nodes == first.float_nodes
+    assert (tmp_path / "amp0.onnx").read_bytes() == (tmp_path / "amp1.onnx").read_bytes()
+    import onnx
+
+    kept = {str(n["node"]) for n in first.float_nodes}
+    model = onnx.load(str(tmp_path / "amp0.onnx"))
+    for node in model.graph.node:
+        if node.name in kept:  # a node kept in float reads no dequantized weight
+            assert not any(i.endswith("_DequantizeLinear_Output") and "weight" in i for i in node.input), node
+
+
+def test_recipe_mixed_precision_is_reported(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("run", ROOT / "recipes" / "digits-cnn.toml", "--out", out, "--set", "quantize.auto_mixed_precision=true",
+                    "--set", "quantize.min_cosine=0.99996", "--set", "verify.runs=3", "--set", "verify.memory=false")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["float_nodes"]
+    assert any("compute nodes kept in float" in n for n in report["notes"])
+
+
+def test_speed_gate_against_fp32_fails_whenever_int8_is_slower(tmp_path: Path) -> None:
+    """The int8 model is never called a success while slower than fp32: the gate's verdict follows the timings."""
+    out = tmp_path / "run"
+    result = invoke("run", ROOT / "recipes" / "digits-cnn.toml", "--out", out, "--set", "verify.gates.min_speedup_vs_fp32=1.0",
+                    "--set", "verify.runs=30", "--set", "verify.memory=false")
+    report = json.loads((out / "report.json").read_text())
+    gate = next(g for g in report["gates"] if g["name"] == "min_speedup_vs_fp32")
+    fp32, int8 = (report["metrics"][m]["latency_ms"]["p50"] for m in ("fp32", "int8"))
+    assert gate["passed"] == (fp32 / int8 >= 1.0)
+    assert result.exit_code == (0 if gate["passed"] else 1)
+    if not gate["passed"]:
+        assert "min_speedup_vs_fp32 on int8" in result.output
+        assert any("slower than the fp32" in n for n in report["notes"])
+
+
+def test_speed_search_records_its_timings(digits_run: tuple[Any, Path], calib: Any, val: Any, tmp_path: Path) -> None:
+    from deploytool.recipe import QuantizeConfig
+    from deploytool.stages.quantize import quantize_onnx
+
+    _, out = digits_run
+    record = quantize_onnx(out / "model.onnx", tmp_path / "q.onnx", QuantizeConfig(speed_search=True), calib, evaluation=val)
+    speed = [a for a in record.attempts if a["search"] == "speed"]
+    assert speed[0]["variant"] == "chosen" and speed[0]["p50_ms"] > 0 and speed[0]["fp32_p50_ms"] > 0
+    if speed[0]["p50_ms"] > speed[0]["fp32_p50_ms"]:  # slower: the cheaper variants were tried and timed
+        assert {a["variant"] for a in speed} >= {"chosen", "uint8 weights"}
+
+
+def test_calibration_from_an_image_folder_and_a_callable(tmp_path: Path, tiny: Any) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    data = np.load(DIGITS / "calib.npz")
+    for i in range(40):
+        folder = images / str(int(data["labels"][i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((data["image"][i, 0] * 255).astype(np.uint8)).resize((16, 16)).save(folder / f"{i}.png")
+    feeds = tmp_path / "feeds.py"
+    feeds.write_text(
+        "import numpy as np\n"
+        f"def batches():\n    data = np.load({str(DIGITS / 'calib.npz')!r})\n"
+        "    for start in range(0, 64, 16):\n        yield {'image': data['image'][start:start + 16]}\n"
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'''
+name = "sources"
+[model]
+factory = "{tiny.factory}"
+checkpoint = "{tiny.checkpoint}"
+inputs = [{{ name = "image", shape = ["batch", 1, 8, 8] }}]
+outputs = ["logits"]
+[data]
+calibration = "{images}"
+validation = "feeds.py:batches"
+task = "classification"
+[data.image]
+resize = [8, 8]
+color = "gray"
+[export]
+exporter = "torchscript"
+[quantize]
+mode = "static"
+[verify]
+runs = 2
+memory = false
+''')
+    result = invoke("run", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["quantization"]["calibration_samples"] == 40
+    assert report["metrics"]["int8"]["cosine_mean"] > 0.99
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path, specs: Any) -> None:
+    from PIL import Image
+
+    from deploytool.data import load_dataset
+    from deploytool.errors import UserError
+    from deploytool.recipe import ImageConfig
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    Image.new("L", (9, 8)).save(tmp_path / "b.png")
+    with pytest.raises(UserError, match="different sizes"):
+        load_dataset(tmp_path, specs, image=ImageConfig(color="gray"))
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read image .*c.png"):
+        load_dataset(tmp_path, specs, image=ImageConfig(color="gray", resize=[8, 8]))
+
+
+def test_strided_calibration_reader_covers_every_sample_once(calib: Any) -> None:
+    from deploytool.data import CalibrationReader
+
+    reader = CalibrationReader(calib, 10)  # 256 samples: 26 batches, the last one short
+    assert len(reader) == 26 and reader.stride(8) == 2  # the largest divisor of 26 not above 8
+    seen = []
+    for start in range(0, len(reader), reader.stride(8)):
+        reader.set_range(start, start + reader.stride(8))
+        while (batch := reader.get_next()) is not None:
+            seen.append(batch["image"])
+    assert np.array_equal(np.concatenate(seen), calib.feeds["image"])
