@@ -206,6 +206,25 @@ class Recipe(Strict):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
+def _field_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """The location without pydantic's union-member tags ('bool', "literal['auto']") after the key."""
+    model: type[BaseModel] | None = Recipe
+    kept: list[int | str] = []
+    for part in loc:
+        if isinstance(part, int):
+            kept.append(part)
+            continue
+        if model is None or str(part) not in model.model_fields:
+            if model is None:
+                continue  # below a plain field: a union tag, not a key
+            kept.append(part)  # an unknown key: reported as such
+            model = None
+            continue
+        kept.append(part)
+        model = _model_of(model.model_fields[str(part)].annotation)
+    return tuple(kept)
+
+
 def _format_loc(loc: tuple[int | str, ...]) -> tuple[str, str | None]:
     """('quantize', 'per_chanel') -> ('[quantize]', 'per_chanel'); list indices become [i]."""
     table: list[str] = []
@@ -242,10 +261,12 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def _user_error(source: str, exc: ValidationError) -> UserError:
-    messages: list[str] = []
+    messages: list[str | tuple[int | str, ...]] = []  # a text, or the location of a bad value rendered below
     hint = None
+    bad: dict[tuple[int | str, ...], tuple[list[str], object]] = {}  # a union type gives one error per member
     for err in exc.errors():
-        where, key = _format_loc(tuple(err["loc"]))
+        loc = _field_path(tuple(err["loc"]))
+        where, key = _format_loc(loc)
         if err["type"] == "extra_forbidden":
             messages.append(f"unknown key '{key}' in {where}")
             if hint is None:
@@ -254,9 +275,20 @@ def _user_error(source: str, exc: ValidationError) -> UserError:
                 hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         elif err["type"] == "missing":
             messages.append(f"missing key '{key}' in {where}")
+        elif loc in bad:
+            bad[loc][0].append(err["msg"])
         else:
-            messages.append(f"{where} {key}: {err['msg']} (got {err.get('input')!r})")
-    return UserError(f"{source}: " + "; ".join(messages), hint)
+            bad[loc] = ([err["msg"]], err.get("input"))
+            messages.append(loc)
+
+    def render(item: str | tuple[int | str, ...]) -> str:
+        if isinstance(item, str):
+            return item
+        where, key = _format_loc(item)
+        reasons, value = bad[item]
+        return f"{where} {key}: {' or '.join(dict.fromkeys(reasons))} (got {value!r})"
+
+    return UserError(f"{source}: " + "; ".join(render(m) for m in messages), hint)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -299,7 +331,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
     data = apply_overrides(data, overrides or [])
-    data.pop("base_dir", None)
+    if "base_dir" in data:  # an internal field, not part of the recipe vocabulary
+        known = ", ".join(k for k in Recipe.model_fields if k != "base_dir")
+        raise UserError(f"{path}: unknown key 'base_dir' in the top level", f"known keys: {known}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,146 @@
+"""verify: candidates against a reference on real data, timed, with gates that fail loudly."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import TinyModel, damage, image_specs
+from deploytool.data import Dataset
+from deploytool.pipeline import _finite
+from deploytool.recipe import ExportConfig, GatesConfig, VerifyConfig
+from deploytool.runners import OrtRunner, TorchRunner
+from deploytool.stages.export import export_onnx
+from deploytool.stages.load import load_model
+from deploytool.stages.verify import verify_models
+
+
+def config(**gates: float) -> VerifyConfig:
+    return VerifyConfig(threads=1, warmup=1, runs=5, gates=GatesConfig(**gates))
+
+
+def linear_model(path: Path, classes: int, bias: float = 0.0) -> Path:
+    """image (batch, 1, 8, 8) -> flatten -> matmul to `classes` logits (+ bias, which may be NaN)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((64, classes)).astype(np.float32), "w")
+    shift = numpy_helper.from_array(np.full((classes,), bias, np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["image"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+            helper.make_node("Add", ["mm", "b"], ["logits"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[weight, shift],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_identical_candidate(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(tiny.onnx, copy)
+    reference, candidate = OrtRunner("reference", tiny.onnx), OrtRunner("copy", copy)
+    result = verify_models(reference, [candidate], val.head(100), "generic", config(min_cosine=0.99))
+    metrics = result.metrics["copy"]
+    assert metrics["outputs_valid"] is True
+    assert metrics["cosine_mean"] == pytest.approx(1.0) and metrics["cosine_min"] == pytest.approx(1.0)
+    assert metrics["max_abs_error"] == 0.0 and metrics["snr_db"] == math.inf
+    assert _finite(metrics)["snr_db"] is None
+    assert set(metrics["latency_ms"]) >= {"p50", "p90", "p99"}  # type: ignore[arg-type]
+    assert metrics["speedup"] > 0 and result.metrics["reference"]["speedup"] == 1.0  # type: ignore[operator]
+    assert "top1_agreement" not in metrics  # generic task: no classification metrics
+    assert [(g.name, g.passed) for g in result.gates] == [("outputs_valid", True), ("min_cosine", True)]
+    assert result.passed and result.failed == []
+
+
+def test_torch_reference_with_labels_and_accuracy_gates(tiny: TinyModel, val: Dataset) -> None:
+    model = load_model(tiny.factory, tiny.checkpoint, tiny.folder)
+    reference = TorchRunner("reference", model, ["image"], ["logits"])
+    candidate = OrtRunner("fp32", tiny.onnx)
+    cfg = config(max_accuracy_drop=0.01, min_top1_agreement=0.99, min_cosine=0.999)
+    result = verify_models(reference, [candidate], val, "classification", cfg, sizes={"reference": 100, "fp32": 80})
+    ref, fp32 = result.metrics["reference"], result.metrics["fp32"]
+    assert 0.0 <= ref["accuracy"] <= 1.0  # type: ignore[operator]
+    assert fp32["accuracy"] == pytest.approx(ref["accuracy"], abs=0.01)
+    assert fp32["top1_agreement"] >= 0.99 and fp32["size_ratio"] == 0.8  # type: ignore[operator]
+    gates = {g.name: g for g in result.gates}
+    assert set(gates) == {"outputs_valid", "max_accuracy_drop", "min_top1_agreement", "min_cosine"}
+    assert all(g.passed and g.model == "fp32" for g in gates.values())
+    assert set(gates["min_cosine"].as_dict()) == {"name", "model", "value", "threshold", "passed"}
+
+
+def test_damaged_candidate_fails_min_cosine(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
+    damaged = tmp_path / "damaged.onnx"
+    damage(tiny.onnx, damaged)
+    result = verify_models(OrtRunner("reference", tiny.onnx), [OrtRunner("damaged", damaged)], val.head(200), "generic",
+                           config(min_cosine=0.99))
+    assert not result.passed
+    (failed,) = result.failed
+    assert failed.name == "min_cosine" and failed.model == "damaged"
+    assert failed.value is not None and failed.value < 0.99 and failed.threshold == 0.99
+
+
+def test_shape_mismatch_fails_outputs_valid(tmp_path: Path, val: Dataset) -> None:
+    reference = OrtRunner("reference", linear_model(tmp_path / "ten.onnx", 10))
+    candidate = OrtRunner("five", linear_model(tmp_path / "five.onnx", 5))
+    result = verify_models(reference, [candidate], val.head(20), "classification", config(min_cosine=0.5))
+    metrics = result.metrics["five"]
+    assert metrics["outputs_valid"] is False
+    assert metrics["outputs"]["logits"]["candidate_shape"] == [20, 5]  # type: ignore[index]
+    gates = {g.name: g for g in result.gates}
+    assert not gates["outputs_valid"].passed
+    assert not gates["min_cosine"].passed and gates["min_cosine"].value is None  # no number can pass a gate
+
+
+def test_nan_in_the_candidate_fails(tmp_path: Path, val: Dataset) -> None:
+    reference = OrtRunner("reference", linear_model(tmp_path / "ok.onnx", 10))
+    candidate = OrtRunner("nan", linear_model(tmp_path / "nan.onnx", 10, bias=float("nan")))
+    result = verify_models(reference, [candidate], val.head(20), "generic", config())
+    assert result.metrics["nan"]["outputs_valid"] is False
+    assert result.metrics["nan"]["outputs"]["logits"]["nonfinite"] == 200  # type: ignore[index]
+    assert [g.name for g in result.failed] == ["outputs_valid"]
+
+
+def test_speed_and_size_gates(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(tiny.onnx, copy)
+    result = verify_models(OrtRunner("reference", tiny.onnx), [OrtRunner("copy", copy)], val.head(10), "generic",
+                           config(min_speedup=1000.0, max_size_ratio=0.5), sizes={"reference": 1000, "copy": 900})
+    failed = {g.name: g for g in result.failed}
+    assert set(failed) == {"min_speedup", "max_size_ratio"}
+    assert failed["max_size_ratio"].value == 0.9
+
+
+def test_accuracy_gate_without_labels_fails_instead_of_passing(tiny: TinyModel, val: Dataset) -> None:
+    unlabelled = Dataset(val.head(30).feeds)
+    result = verify_models(OrtRunner("reference", tiny.onnx), [OrtRunner("fp32", tiny.onnx)], unlabelled,
+                           "classification", config(max_accuracy_drop=0.01))
+    gate = next(g for g in result.gates if g.name == "max_accuracy_drop")
+    assert gate.value is None and not gate.passed
+
+
+def test_fixed_batch_candidate_with_a_short_last_batch(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
+    model = load_model(tiny.factory, tiny.checkpoint, tiny.folder)
+    fixed = tmp_path / "batch4.onnx"
+    with torch.no_grad():
+        export_onnx(model, image_specs(batch=4), ["logits"], ExportConfig(exporter="torchscript", dynamic_batch=False),
+                    val.head(4), fixed)
+    reference = TorchRunner("reference", model, ["image"], ["logits"])
+    result = verify_models(reference, [OrtRunner("fixed", fixed)], val.head(10), "classification",
+                           config(min_cosine=0.999))
+    metrics = result.metrics["fixed"]
+    assert metrics["outputs"]["logits"]["candidate_shape"] == [10, 10]  # type: ignore[index]
+    assert result.passed
+    assert "latency_ms" not in metrics and any("fixed" in note for note in result.notes)  # batch 4 is not timed at 1
