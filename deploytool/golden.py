@@ -24,9 +24,8 @@ def save_golden(path: Path, dataset: Dataset, output_names: Sequence[str], outpu
         arrays["labels"] = dataset.labels
     meta = {"format": FORMAT, "inputs": list(dataset.feeds), "outputs": list(output_names), "source": source}
     arrays["meta"] = np.array(json.dumps(meta))
-    with atomic_path(path) as tmp:
-        with tmp.open("wb") as fh:
-            np.savez_compressed(fh, **arrays)
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def is_golden(path: Path) -> bool:

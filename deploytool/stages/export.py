@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import numpy as np
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
 from deploytool.errors import StageError
+from deploytool.logs import quiet
 from deploytool.recipe import ExportConfig, InputSpec
 from deploytool.runners import OrtRunner, TorchRunner
 
@@ -52,18 +52,6 @@ def _axes(specs: Sequence[InputSpec], outputs: Sequence[str], dynamic_batch: boo
     return axes
 
 
-@contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """The exporter logs progress and optional-dependency warnings; keep them out of the user's terminal."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _export_once(
     model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec], outputs: Sequence[str], cfg: ExportConfig, dynamo: bool
 ) -> onnx.ModelProto:
@@ -72,7 +60,7 @@ def _export_once(
 
     with tempfile.TemporaryDirectory(prefix="deploytool-export-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings(), _quiet_torch_logs():
+        with warnings.catch_warnings(), quiet("torch.onnx"):
             warnings.simplefilter("ignore")
             kwargs = {"dynamo": dynamo, "external_data": False, "verbose": False} if dynamo else {"dynamo": False}
             torch.onnx.export(

@@ -11,11 +11,9 @@ cheaply, which is what the two searches build on:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from deploytool.artifacts import atomic_path
 from deploytool.data import CalibrationReader, Dataset
 from deploytool.errors import StageError, UserError
 from deploytool.hardware import cpu_info, has_int8_dot_product
+from deploytool.logs import quiet
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import QuantizeConfig
 
@@ -117,19 +116,6 @@ def resolve_reduce_range(cfg: QuantizeConfig) -> tuple[bool, str]:
     return True, "auto: no VNNI/dot-product on this CPU, 7-bit weights avoid u8 x s8 saturation"
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime's quantizer warns through the root logger (e.g. once per LayerNorm weight it
-    cannot quantize per channel); keep that out of the user's terminal."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 class _Quantizer:
     """Quantizes one prepared model repeatedly with different node sets; static calibration runs once."""
 
@@ -171,7 +157,7 @@ class _Quantizer:
             "nodes_to_quantize": only,
         }
         self.count += 1
-        with _quiet_root_logger():
+        with quiet(None):  # the quantizer warns through the root logger, e.g. once per LayerNorm weight
             try:
                 if cfg.mode == "dynamic":
                     quantize_dynamic(str(self.source), str(out), **common)
