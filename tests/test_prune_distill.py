@@ -1,0 +1,208 @@
+"""Pruning that really removes channels (and says when it cannot), and distillation that wins accuracy back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import DIGITS, ROOT, invoke, write_module
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    """Residual add, concatenation, a depthwise conv and a Linear stack: the couplings pruning must respect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.res = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.left = nn.Conv2d(32, 16, 1)
+        self.right = nn.Conv2d(32, 16, 1)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.fc = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.stem(image)
+        x = torch.relu(x + self.res(x))
+        x = torch.cat([self.left(x), self.right(x)], dim=1)
+        x = self.depthwise(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class HardCoded(nn.Module):
+    """forward() flattens with a hard-coded width: pruning conv2 breaks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(image))))
+        return self.head(x.reshape(-1, 16 * 8 * 8))
+
+
+def branchy() -> nn.Module:
+    torch.manual_seed(0)
+    return Branchy()
+
+
+def hard_coded() -> nn.Module:
+    torch.manual_seed(0)
+    return HardCoded()
+'''
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_module(tmp_path_factory.mktemp("nets"), "nets", NETS)
+
+
+def build(nets: Path, name: str) -> Any:
+    from deploytool.stages.load import load_model
+
+    return load_model(f"{nets}:{name}", None, nets.parent)
+
+
+def test_channel_pruning_removes_coupled_channels_and_reloads_without_pickle(nets: Path, specs: Any, calib: Any,
+                                                                             tmp_path: Path) -> None:
+    import torch
+
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import prune_model, save_model
+
+    model = build(nets, "branchy")
+    pruned, record = prune_model(model, specs, PruneConfig(ratio=0.5), calib, "classification")
+    assert record.macs_before is not None and record.macs_after is not None
+    assert record.macs_after * 2 <= record.macs_before and record.params_after < record.params_before
+    assert record.ignored == ["fc.2"]  # the output head keeps its 10 outputs
+    assert pruned.fc[2].out_features == 10 and pruned.stem[0].out_channels % 8 == 0
+    x = torch.from_numpy(calib.feeds["image"][:4])
+    assert pruned(x).shape == (4, 10)
+    path = tmp_path / "pruned.safetensors"
+    save_model(pruned, path)
+    assert b"pickle" not in path.read_bytes()[:200]
+    reloaded = load_model(f"{nets}:branchy", path, nets.parent)  # the original factory, resized from metadata
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), pruned(x))
+
+
+@pytest.mark.parametrize("importance", ["l1", "bn_scale", "taylor"])
+def test_importance_criteria(nets: Path, specs: Any, calib: Any, importance: str) -> None:
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    _, record = prune_model(build(nets, "branchy"), specs, PruneConfig(ratio=0.25, importance=importance, iterative_steps=2),
+                            calib, "classification")
+    assert record.params_after < record.params_before
+
+
+def test_hard_coded_sizes_give_a_clear_error_naming_the_layer(nets: Path, specs: Any, calib: Any) -> None:
+    from deploytool.errors import UserError
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    with pytest.raises(UserError) as caught:
+        prune_model(build(nets, "hard_coded"), specs, PruneConfig(ratio=0.5), calib, "classification")
+    assert "conv2" in caught.value.message or "conv1" in caught.value.message
+    assert "ignore" in (caught.value.hint or "")
+
+
+def test_hard_coded_sizes_pass_once_the_feeding_layer_is_ignored(nets: Path, specs: Any, calib: Any) -> None:
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    _, record = prune_model(build(nets, "hard_coded"), specs, PruneConfig(ratio=0.5, ignore=["conv2"]), calib, "classification")
+    assert record.params_after < record.params_before and "conv2" in record.ignored
+
+
+def test_unknown_ignore_pattern_is_a_user_error(nets: Path, specs: Any, calib: Any) -> None:
+    from deploytool.errors import UserError
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    with pytest.raises(UserError, match="no layer matches 'nope'"):
+        prune_model(build(nets, "branchy"), specs, PruneConfig(ignore=["nope"]), calib, "classification")
+
+
+def test_magnitude_pruning_is_honest_about_speed(nets: Path, specs: Any, calib: Any) -> None:
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    pruned, record = prune_model(build(nets, "branchy"), specs, PruneConfig(method="magnitude", ratio=0.6), calib, "classification")
+    assert record.sparsity == pytest.approx(0.6, abs=0.01)
+    assert record.params_after == record.params_before  # same shapes: nothing removed
+    assert any("not faster" in note for note in record.notes)
+
+
+def test_sensitivity_scan_prints_a_table(tmp_path: Path) -> None:
+    result = invoke("prune", DIGITS / "cnn.pt", "--factory", ROOT / "samples" / "digits" / "model.py:build", "--input",
+                    "image:batch,1,8,8", "--output-name", "logits", "--data", DIGITS / "val.npz", "--scan", "-o",
+                    tmp_path / "p.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "sensitivity" in result.output and "head_conv.0" in result.output and "ratio 0.75" in result.output
+    assert "MACs 7,152,901 -> 1,806,981" in result.output
+
+
+def test_distillation_recovers_accuracy_deterministically(specs: Any, calib: Any, val: Any) -> None:
+    import torch
+
+    from deploytool.recipe import DistillConfig, PruneConfig
+    from deploytool.stages.distill import distill
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import prune_model
+
+    teacher = load_model(f"{ROOT / 'samples/digits/model.py'}:build", DIGITS / "cnn.pt", ROOT)
+    student, _ = prune_model(teacher, specs, PruneConfig(ratio=0.5), calib, "classification")
+    cfg = DistillConfig(epochs=2, lr=3e-3, seed=3)
+    first, record = distill(teacher, student, specs, calib, val, "classification", cfg)
+    second, _ = distill(teacher, student, specs, calib, val, "classification", cfg)
+    assert record.best_score > record.initial_score + 0.3
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert len(record.history) == 2 and record.metric == "accuracy"
+
+
+def test_label_free_and_regression_distillation(specs: Any, calib: Any, val: Any) -> None:
+    from deploytool.data import Dataset
+    from deploytool.recipe import DistillConfig, PruneConfig
+    from deploytool.stages.distill import distill
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import prune_model
+
+    teacher = load_model(f"{ROOT / 'samples/digits/model.py'}:build", DIGITS / "cnn.pt", ROOT)
+    student, _ = prune_model(teacher, specs, PruneConfig(ratio=0.5), calib, "classification")
+    unlabeled = Dataset(calib.feeds, None, "unlabeled")
+    _, record = distill(teacher, student, specs, unlabeled, Dataset(val.feeds, None, "v"), "classification", DistillConfig(epochs=1))
+    assert record.metric == "cosine" and record.best_score > record.initial_score
+    _, record = distill(teacher, student, specs, unlabeled, Dataset(val.feeds, None, "v"), "regression", DistillConfig(epochs=1))
+    assert record.metric == "cosine"
+
+
+def test_data_parallel_distillation_with_two_processes(tmp_path: Path) -> None:
+    pruned = tmp_path / "pruned.safetensors"
+    assert invoke("prune", DIGITS / "cnn.pt", "--factory", ROOT / "samples/digits/model.py:build", "--input", "image:batch,1,8,8",
+                  "--output-name", "logits", "--data", DIGITS / "calib.npz", "-o", pruned).exit_code == 0
+    out = tmp_path / "ddp.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deploytool", "distill",
+               str(DIGITS / "cnn.pt"), "--factory", str(ROOT / "samples/digits/model.py:build"), "--input", "image:batch,1,8,8",
+               "--output-name", "logits", "--student", str(pruned), "--train", str(DIGITS / "train.npz"), "--val",
+               str(DIGITS / "val.npz"), "--epochs", "2", "-o", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.is_file()
+    assert done.stdout.count("wrote") == 1 and "2 process(es)" in done.stdout  # only rank 0 writes and prints
+    accuracy = float(done.stdout.split("best validation accuracy ")[1].split()[0])
+    assert accuracy > 0.9
+    assert not np.isnan(accuracy)
