@@ -469,7 +469,7 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
     import time
 
     from deploytool.recipe import GatesConfig, VerifyConfig
-    from deploytool.stages.report import environment, gate_rows, summary_rows, write_reports
+    from deploytool.stages.report import environment, gate_rows, json_safe, summary_rows, write_reports
     from deploytool.stages.verify import verify_and_explain
 
     started = time.perf_counter()
@@ -509,9 +509,7 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
               "stages": [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}],
               "environment": environment(threads), "data": dataset.source,
               **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
-    from deploytool.pipeline import _finite
-
-    report = _finite(report)
+    report = json_safe(report)
     _print_table(*summary_rows(report), title="verify")
     if report["gates"]:
         _print_table(*gate_rows(report), title="gates")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import shutil
 import time
 import traceback
@@ -21,6 +20,7 @@ from deploytool.data import is_callable_source
 from deploytool.errors import DeployError, StageError, UserError
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import Recipe
+from deploytool.stages.report import json_safe
 
 log = logging.getLogger("deploytool")
 
@@ -151,17 +151,6 @@ def prepare_out_dir(out_dir: Path, force: bool) -> bool:
     return created
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no Infinity/NaN: such floats become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _onnx_params(path: Path) -> int:
     import numpy as np
     import onnx
@@ -222,7 +211,7 @@ def _write_failed_report(run: _Run) -> None:
     from deploytool.stages.report import write_reports
 
     try:
-        write_reports(_finite(_base_report(run)), run.out_dir)
+        write_reports(json_safe(_base_report(run)), run.out_dir)
     except Exception:  # the original error matters more than a report about it
         log.exception("could not write the report of a failed run")
 
@@ -462,7 +451,7 @@ def _execute(run: _Run) -> dict[str, Any]:
 
     from deploytool.stages.report import write_reports
 
-    report = _finite(report)
+    report = json_safe(report)
     write_reports(report, out)
     return report
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from deploytool.compare import accuracy, classification_metrics, compare_arrays
-from deploytool.pipeline import _finite
+from deploytool.stages.report import json_safe
 
 
 def logits(n: int = 20, seed: int = 0) -> np.ndarray:
@@ -25,7 +25,7 @@ def test_identical_outputs() -> None:
     assert result["cosine_mean"] == pytest.approx(1.0) and result["cosine_min"] == pytest.approx(1.0)
     assert result["max_abs_error"] == 0.0 and result["mean_abs_error"] == 0.0
     assert result["snr_db"] == math.inf
-    assert _finite(result)["snr_db"] is None  # JSON has no Infinity: the report holds null
+    assert json_safe(result)["snr_db"] is None  # JSON has no Infinity: the report holds null
 
 
 def test_small_noise_gives_finite_snr_and_cosine_below_one() -> None:

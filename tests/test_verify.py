@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import TinyModel, damage, image_specs
 from deploytool.data import Dataset
-from deploytool.pipeline import _finite
+from deploytool.stages.report import json_safe
 from deploytool.recipe import ExportConfig, GatesConfig, VerifyConfig
 from deploytool.runners import OrtRunner, TorchRunner
 from deploytool.stages.export import export_onnx
@@ -57,7 +57,7 @@ def test_identical_candidate(tmp_path: Path, tiny: TinyModel, val: Dataset) -> N
     assert metrics["outputs_valid"] is True
     assert metrics["cosine_mean"] == pytest.approx(1.0) and metrics["cosine_min"] == pytest.approx(1.0)
     assert metrics["max_abs_error"] == 0.0 and metrics["snr_db"] == math.inf
-    assert _finite(metrics)["snr_db"] is None
+    assert json_safe(metrics)["snr_db"] is None
     assert set(metrics["latency_ms"]) >= {"p50", "p90", "p99"}  # type: ignore[arg-type]
     assert metrics["speedup"] > 0 and result.metrics["reference"]["speedup"] == 1.0  # type: ignore[operator]
     assert "top1_agreement" not in metrics  # generic task: no classification metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import platform
 import sys
 from importlib import metadata
@@ -12,6 +13,17 @@ from typing import Any
 
 from deploytool.artifacts import write_text
 from deploytool.hardware import cpu_info
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no Infinity/NaN: such floats become null (e.g. the SNR of identical outputs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def environment(threads: int | None) -> dict[str, Any]:
