@@ -10,15 +10,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import TinyModel, damage, image_specs
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TinyModel, damage, image_specs
 from deploytool.data import Dataset
-from deploytool.stages.report import json_safe
 from deploytool.recipe import ExportConfig, GatesConfig, VerifyConfig
 from deploytool.runners import OrtRunner, TorchRunner
 from deploytool.stages.export import export_onnx
 from deploytool.stages.load import load_model
+from deploytool.stages.report import json_safe
 from deploytool.stages.verify import verify_models
 
 
@@ -144,3 +144,32 @@ def test_fixed_batch_candidate_with_a_short_last_batch(tmp_path: Path, tiny: Tin
     assert metrics["outputs"]["logits"]["candidate_shape"] == [10, 10]  # type: ignore[index]
     assert result.passed
     assert "latency_ms" not in metrics and any("fixed" in note for note in result.notes)  # batch 4 is not timed at 1
+
+
+def test_labels_that_do_not_match_the_outputs_are_a_user_error(tmp_path: Path) -> None:
+    from conftest import DIGITS, invoke
+
+    data = np.load(DIGITS / "val.npz")
+    bad = tmp_path / "bad_labels.npz"
+    np.savez(bad, image=data["image"], labels=data["labels"] + 10)  # class indices past the 10 logits
+    recipe = tmp_path / "r.toml"
+    from conftest import digits_recipe_text
+
+    recipe.write_text(digits_recipe_text().replace(f'validation = "{DIGITS}/val.npz"', f'validation = "{bad}"'))
+    out = tmp_path / "run"
+    result = invoke("run", recipe, "--out", out, "--set", "verify.runs=2", "--set", "verify.memory=false")
+    assert result.exit_code == 2, result.output
+    assert "labels do not match the model's output" in result.output and "bad_labels.npz" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()  # a user error leaves no half-made run folder behind
+
+
+def test_unwritable_output_folder_is_a_user_error(tmp_path: Path) -> None:
+    from conftest import DIGITS_RECIPE, invoke
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("run", DIGITS_RECIPE, "--out", blocker / "run")
+    assert result.exit_code == 2 and "cannot write to run folder" in result.output and "Traceback" not in result.output
+    result = invoke("run", DIGITS_RECIPE, "--out", "/proc/deploytool-run")
+    assert result.exit_code == 2 and "/proc/deploytool-run" in result.output

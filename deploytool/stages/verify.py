@@ -19,6 +19,7 @@ from deploytool.compare import (
     within_tolerance,
 )
 from deploytool.data import Dataset
+from deploytool.errors import UserError
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import GatesConfig, VerifyConfig
 from deploytool.runners import OrtRunner, Runner, infer_dataset, measure_latency
@@ -106,6 +107,27 @@ def _output_metrics(
     return metrics
 
 
+def check_labels(dataset: Dataset, logits: np.ndarray, task: str) -> None:
+    """Labels must fit the model's first output: class indices within its width, or one target per output value."""
+    labels = dataset.labels
+    if labels is None:
+        return
+    if task == "classification":
+        classes = logits.shape[-1] if logits.ndim >= 2 else 0
+        whole = labels.dtype.kind in "iu" or bool(np.all(np.mod(labels, 1) == 0))
+        if not whole or labels.size != len(logits) or labels.min() < 0 or labels.max() >= classes:
+            raise UserError(
+                f"{dataset.source}: labels do not match the model's output: classification needs one class index "
+                f"in 0..{classes - 1} per sample (got {labels.dtype} values {labels.min()}..{labels.max()}, "
+                f"shape {list(labels.shape)}, for output shape {list(logits.shape)})"
+            )
+    elif task == "regression" and labels.size not in (logits.size, len(logits)):
+        raise UserError(
+            f"{dataset.source}: labels do not match the model's output: regression needs one target per output "
+            f"value (got shape {list(labels.shape)} for output shape {list(logits.shape)})"
+        )
+
+
 def _gates(name: str, metrics: dict[str, object], reference: dict[str, object], gates: GatesConfig) -> list[Gate]:
     result = [Gate("outputs_valid", name, float(bool(metrics["outputs_valid"])), 1.0, bool(metrics["outputs_valid"]))]
 
@@ -160,6 +182,7 @@ def verify_models(
             for r in progress.track(runners, len(runners), "running validation data")
         }
         result.outputs = outputs
+        check_labels(dataset, outputs[reference.name][0], task)
         ref_metrics: dict[str, object] = {}
         if task == "classification" and dataset.labels is not None:
             ref_metrics["accuracy"] = accuracy(outputs[reference.name][0], dataset.labels)
