@@ -159,3 +159,12 @@ def test_strided_calibration_reader_covers_every_sample_once(calib: Any) -> None
         while (batch := reader.get_next()) is not None:
             seen.append(batch["image"])
     assert np.array_equal(np.concatenate(seen), calib.feeds["image"])
+
+
+def test_transformer_optimization_before_quantizing(tiny: Any, calib: Any, tmp_path: Path) -> None:
+    from deploytool.recipe import QuantizeConfig
+    from deploytool.stages.quantize import quantize_onnx
+
+    record = quantize_onnx(tiny.onnx, tmp_path / "q.onnx", QuantizeConfig(optimize="transformer"), calib)
+    assert record.optimize.startswith("transformer")
+    assert (tmp_path / "q.onnx").is_file()

@@ -88,8 +88,9 @@ def _optimize_transformer(in_path: Path, out_path: Path, cfg: QuantizeConfig, no
     from onnxruntime.transformers.optimizer import optimize_model
 
     try:
-        optimized = optimize_model(str(in_path), model_type="bert", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size,
-                                   opt_level=1, only_onnxruntime=False)
+        with quiet(None), quiet("onnxruntime.transformers"):  # it warns that the producer is not "pytorch"
+            optimized = optimize_model(str(in_path), model_type="bert", num_heads=cfg.num_heads,
+                                       hidden_size=cfg.hidden_size, opt_level=1, only_onnxruntime=False)
         fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
         optimized.save_model_to_file(str(out_path))
     except Exception as exc:
