@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -70,18 +71,37 @@ def export(model_dir: Path, folder: Path) -> Path:
     return path
 
 
-def measure(model: Path, samples: int, method: str, folder: Path, chunk: int = 8) -> int:
-    """MiB that quantizing with `samples` calibration samples adds to the peak resident set."""
+LIMIT_BYTES = 8 << 30  # a run past this fails in its own process instead of waking the system's OOM killer
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_BYTES, LIMIT_BYTES))
+
+
+def measure(model: Path, samples: int, method: str, folder: Path, chunk: int = 8) -> int | None:
+    """MiB that quantizing with `samples` calibration samples adds to the peak resident set; None if it
+    ran out of the memory allowed."""
     env_path = str(ROOT)
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(model), str(ROOT / "samples" / "digits" / "calib.npz"), str(samples), method,
          str(folder / f"q-{method}-{samples}.onnx"), str(chunk)],
         capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, check=False,
+        preexec_fn=_limit_memory,
     )
     if done.returncode != 0:
+        if "MemoryError" in done.stderr or "bad_alloc" in done.stderr or "Failed to allocate" in done.stderr or done.returncode < 0:
+            return None
         raise RuntimeError(done.stderr[-2000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return (result["peak_kib"] - result["before_kib"]) // 1024
+
+
+def _mib(value: int | None) -> str:
+    return f"{value} MiB" if value is not None else f"over {LIMIT_BYTES >> 30} GiB (stopped)"
+
+
+def _ratio(small: int | None, large: int | None) -> str:
+    return f"{large / max(small, 1):.2f}x" if small is not None and large is not None else "-"
 
 
 def main() -> None:
@@ -99,9 +119,9 @@ def main() -> None:
             small = measure(model, args.samples, method, folder)
             large = measure(model, 10 * args.samples, method, folder)
             whole = measure(model, 10 * args.samples, method, folder, chunk=10**6)
-            rows.append((method, small, large, large / max(small, 1), whole))
-            print(f"{method}: {small} MiB with {args.samples} samples, {large} MiB with {10 * args.samples} "
-                  f"({large / max(small, 1):.2f}x); unchunked {whole} MiB")
+            rows.append((method, _mib(small), _mib(large), _ratio(small, large), _mib(whole)))
+            print(f"{method}: {_mib(small)} with {args.samples} samples, {_mib(large)} with {10 * args.samples} "
+                  f"({_ratio(small, large)}); in one chunk {_mib(whole)}")
     from deploytool.hardware import cpu_info
 
     cpu = cpu_info()
@@ -115,10 +135,10 @@ def main() -> None:
         "(calibration and quantization, in a fresh process, above the loaded libraries and data), "
         f"with {args.samples} and {10 * args.samples} calibration samples, batch 16, default `calibration_chunk` (8 batches).",
         "",
-        f"| method | {args.samples} samples (MiB) | {10 * args.samples} samples (MiB) | ratio | "
-        f"{10 * args.samples} samples in one chunk (MiB) |",
+        f"| method | {args.samples} samples | {10 * args.samples} samples | ratio | "
+        f"{10 * args.samples} samples in one chunk |",
         "|---|---|---|---|---|",
-        *(f"| {m} | {a} | {b} | {r:.2f}x | {w} |" for m, a, b, r, w in rows),
+        *(f"| {m} | {a} | {b} | {r} | {w} |" for m, a, b, r, w in rows),
         "",
         "Calibration runs in chunks and keeps only one chunk's activations (or histograms) in memory, so ten times "
         "the samples costs time, not memory; the last column is the same calibration in a single chunk, for "
