@@ -143,8 +143,9 @@ def main() -> None:
         "Calibration runs in chunks and keeps only one chunk's activations (or histograms) in memory, so ten times "
         "the samples costs time, not memory; the last column is the same calibration in a single chunk, for "
         "comparison. The input arrays themselves are held in memory and grow with the sample count; they are "
-        "loaded before the baseline is taken. The fixed part (about 270 MiB here) is onnxruntime's quantization "
-        "tooling itself: pre-processing and calibration sessions.",
+        "loaded before the baseline is taken. What does not grow is mostly onnxruntime's "
+        "quantization tooling itself: pre-processing, the calibration session and, for entropy and percentile, "
+        "one chunk of activation histograms.",
         "",
     ]
     args.out.write_text("\n".join(lines))
