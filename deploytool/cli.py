@@ -403,14 +403,19 @@ def _reference(reference: Path, data: Path | None, task: str | None, seed: int, 
         from deploytool.runners import TorchRunner
         from deploytool.stages.load import load_model
 
+        from deploytool.pipeline import data_source
+
         recipe = load_recipe(reference)
         checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
         model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint)
         specs = recipe.model.inputs
         runner = TorchRunner("reference", model, [s.name for s in specs], recipe.model.outputs)
-        if data is None and recipe.data.validation:
-            data = recipe.resolve(recipe.data.validation)
-        dataset = load_dataset(data, specs, recipe.data.labels) if data else random_dataset(specs, samples, seed)
+        if data is not None:
+            dataset = load_dataset(data, specs, recipe.data.labels, recipe.data.image)
+        elif recipe.data.validation:
+            dataset = data_source(recipe, recipe.data.validation)  # as a run would load it
+        else:
+            dataset = random_dataset(specs, samples, seed)
         gates = recipe.verify.gates if recipe.verify else None
         return runner, dataset, task or recipe.data.task, gates, f"recipe {recipe.name} (PyTorch)"
     if is_golden(reference):
@@ -423,7 +428,7 @@ def _reference(reference: Path, data: Path | None, task: str | None, seed: int, 
     from deploytool.stages.inspect import input_specs
 
     specs = input_specs(reference)
-    runner = OrtRunner("reference", reference, 1)
+    runner = OrtRunner("reference", reference, 1, user_file=True)
     dataset = load_dataset(data, specs) if data else random_dataset(specs, samples, seed)
     return runner, dataset, task or "generic", None, str(reference)
 
@@ -449,7 +454,8 @@ def _candidate_names(reference: Path, candidates: tuple[Path, ...]) -> list[str]
 @click.option("--warmup", default=10, show_default=True, type=int)
 @click.option("--min-seconds", default=0.0, show_default=True, type=float, help="Keep timing at least this long.")
 @click.option("--latency-batch", default=1, show_default=True, type=int)
-@click.option("--throughput-batch", "throughput_batches", multiple=True, type=int, help="Also measure throughput at this batch size; repeatable.")
+@click.option("--throughput-batch", "throughput_batches", multiple=True, type=click.IntRange(min=1),
+              help="Also measure throughput at this batch size; repeatable.")
 @click.option("--no-memory", is_flag=True, help="Skip measuring each session's peak memory.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs used without --data.")
 @click.option("--samples", default=64, show_default=True, type=int, help="Number of random inputs used without --data.")
@@ -468,6 +474,7 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
     """
     import time
 
+    from deploytool.artifacts import describe
     from deploytool.recipe import GatesConfig, VerifyConfig
     from deploytool.stages.report import environment, gate_rows, json_safe, summary_rows, write_reports
     from deploytool.stages.verify import verify_and_explain
@@ -485,8 +492,12 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
             raise UserError(f"--gate {text!r}: expected NAME=NUMBER", f"gates: {', '.join(GatesConfig.model_fields)}") from None
     if not reference.exists():
         raise UserError(f"reference not found: {reference}")
+    if "min_speedup_vs_fp32" in gate_values:
+        raise UserError("gate min_speedup_vs_fp32 compares a run's int8 model with its fp32 one; use min_speedup here",
+                        "deploytool verify REFERENCE.onnx CANDIDATE.onnx --gate min_speedup=1.0 times the candidate against the reference")
     runner, dataset, task, recipe_gates, label = _reference(reference, data, task, seed, samples)
     base = recipe_gates.model_dump(exclude_none=True) if recipe_gates else {}
+    run_only = base.pop("min_speedup_vs_fp32", None)
     cfg = _validated(VerifyConfig, threads=threads, runs=runs, warmup=warmup, min_seconds=min_seconds, latency_batch=latency_batch,
                      throughput_batches=list(throughput_batches), memory=not no_memory,
                      gates=_validated(GatesConfig, **{**base, **gate_values}))
@@ -501,14 +512,15 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
     if reference.suffix == ".onnx":
         sizes["reference"] = reference.stat().st_size
     fragment = verify_and_explain(runner, list(zip(names, candidates)), dataset, task, cfg, sizes,
-                                  localize_pairs=pairs, golden=save_golden)
+                                  localize_pairs=pairs, golden=save_golden, user_files=True)
     report = {"name": f"verify against {label}", "passed": fragment["passed"], "gates": fragment["gates"],
-              "models": {"reference": {"path": str(reference), "size_bytes": reference.stat().st_size},
-                         **{n: {"path": str(p), "size_bytes": p.stat().st_size} for n, p in zip(names, candidates)}},
+              "models": {"reference": describe(reference), **{n: describe(p) for n, p in zip(names, candidates)}},
               "metrics": fragment["metrics"],
               "stages": [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}],
               "environment": environment(threads), "data": dataset.source,
               **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
+    if run_only is not None:
+        report["notes"].append("the recipe's gate min_speedup_vs_fp32 applies to runs (int8 against fp32): not evaluated here")
     report = json_safe(report)
     _print_table(*summary_rows(report), title="verify")
     if report["gates"]:
@@ -533,7 +545,7 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
 @cli.command(name="bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Inputs (.npz); default: seeded random inputs.")
-@click.option("--batch", "batches", multiple=True, type=int, help="Batch size; repeatable (default 1).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch size; repeatable (default 1).")
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--runs", default=200, show_default=True, type=int)
 @click.option("--warmup", default=20, show_default=True, type=int)
@@ -552,7 +564,7 @@ def bench_cmd(models: tuple[Path, ...], data: Path | None, batches: tuple[int, .
     dataset = load_dataset(data, specs) if data else random_dataset(specs, max(sizes))
     if len(dataset) < max(sizes):
         raise UserError(f"{dataset.source} holds {len(dataset)} samples; --batch {max(sizes)} needs that many")
-    runners = [OrtRunner(str(m), m, threads) for m in models]
+    runners = [OrtRunner(str(m), m, threads, user_file=True) for m in models]
     results: dict[str, Any] = {str(m): {"size_bytes": m.stat().st_size, "batches": {}} for m in models}
     for batch in sizes:
         feeds = next(dataset.batches(batch))

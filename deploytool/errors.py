@@ -34,3 +34,9 @@ class StageError(DeployError):
     def __init__(self, stage: str, message: str, hint: str | None = None) -> None:
         super().__init__(f"{stage} stage failed: {message}", hint)
         self.stage = stage
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -4,6 +4,7 @@ release job can verify an ONNX file later without PyTorch or the original model.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def is_golden(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return "meta" in archive.files and FORMAT in str(archive["meta"])
-    except (OSError, ValueError):
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return False
 
 
@@ -47,7 +48,7 @@ class GoldenRunner:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in archive.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise UserError(f"cannot read golden outputs {path}: {exc}") from None
         meta: dict[str, Any] = json.loads(str(arrays["meta"]))
         self.name = name

@@ -17,7 +17,7 @@ from typing import Any
 from deploytool.artifacts import describe, sha256
 from deploytool.cache import StageCache, content_hash, stage_key
 from deploytool.data import is_callable_source
-from deploytool.errors import DeployError, StageError, UserError
+from deploytool.errors import DeployError, StageError, UserError, first_line
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import Recipe
 from deploytool.stages.report import json_safe
@@ -68,7 +68,7 @@ class _Run:
             log.error("stage %s failed:\n%s", name, traceback.format_exc())
             if isinstance(exc, DeployError) or not isinstance(exc, Exception):
                 raise
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise StageError(name, f"{type(exc).__name__}: {reason[:300]}", "the traceback is in run.log") from exc
         record["seconds"] = round(time.perf_counter() - start, 3)
         log.info("stage %s: %s in %.2fs", name, record["status"], record["seconds"])
@@ -174,7 +174,7 @@ def run_recipe(
     root.setLevel(logging.DEBUG)
     run = _Run(recipe, out_dir, progress or Silent(), StageCache(out_dir / CACHE_DIR) if use_cache else None)
     try:
-        write_text(out_dir / "recipe.resolved.toml", recipe.to_toml())
+        write_text(out_dir / "recipe.resolved.toml", recipe.absolute().to_toml())
         report = _execute(run)
         return RunResult(out_dir, report)
     except UserError:
@@ -186,6 +186,10 @@ def run_recipe(
     except DeployError:
         _write_failed_report(run)
         raise
+    except Exception as exc:  # outside any stage (e.g. writing the report): still a run.log entry and a report
+        log.error("run failed:\n%s", traceback.format_exc())
+        _write_failed_report(run)
+        raise StageError("run", f"{type(exc).__name__}: {first_line(exc)}", "the traceback is in run.log") from exc
     finally:
         handler.close()
         root.removeHandler(handler)
@@ -272,6 +276,7 @@ def _load(recipe: Recipe) -> _Inputs:
         "calibration": source_hash(recipe, recipe.data.calibration),
         "validation": source_hash(recipe, recipe.data.validation),
         "image": recipe.data.image.model_dump_json() if recipe.data.image else None,
+        "labels": recipe.data.labels,
         "task": recipe.data.task,
     }
     return _Inputs(model, calibration, validation, sample, hashes)
@@ -304,7 +309,7 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
 
                 details = run.cached("prune", record, recipe.prune.model_dump(), identity, [path], compute)
                 final = load_model(recipe.model.factory, path, recipe.base_dir)
-                identity = {"pruned": sha256(path), "factory_source": identity["factory_source"]}
+                identity = {**identity, "pruned": sha256(path)}
                 run.models["reference"]["macs"] = details.get("macs_before")
                 run.models["pruned"] = {**describe(path), "params": details["params_after"], "macs": details.get("macs_after")}
                 run.details["prune"] = details
@@ -320,9 +325,9 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
             train = data_source(recipe, cfg.train) if cfg.train else start.calibration
             val = data_source(recipe, cfg.validation) if cfg.validation else start.validation
             student = final
-            if cfg.student_factory:
-                checkpoint = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
-                student = load_model(cfg.student_factory, checkpoint, recipe.base_dir)
+            student_checkpoint = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
+            if cfg.student_factory or student_checkpoint:  # a student of its own (by default the model's factory)
+                student = load_model(cfg.student_factory or recipe.model.factory, student_checkpoint, recipe.base_dir)
             path = run.out_dir / "distilled.safetensors" if run else None
             trained: list[Any] = []
 
@@ -340,14 +345,17 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
             if run is None:
                 compute()
                 return trained[0], identity
+            student_source = inspect.getsourcefile(type(student))
             inputs = {**identity, "teacher": start.hashes["checkpoint"], "world_size": str(world()[1]),
+                      "student_checkpoint": sha256(student_checkpoint) if student_checkpoint else None,
+                      "student_source": sha256(Path(student_source)) if student_source else None,
                       "train": source_hash(recipe, cfg.train) if cfg.train else start.hashes["calibration"],
                       "val": source_hash(recipe, cfg.validation) if cfg.validation else start.hashes["validation"]}
             # a data-parallel run must not skip training while the other ranks wait for it
             details = compute() if world()[1] > 1 else run.cached("distill", record, cfg.model_dump(), inputs, [path], compute)
             assert path is not None
             final = trained[0] if trained else load_model(cfg.student_factory or recipe.model.factory, path, recipe.base_dir)
-            identity = {"distilled": sha256(path), "factory_source": identity["factory_source"]}
+            identity = {**identity, "distilled": sha256(path)}
             run.models["distilled"] = {**describe(path), "params": sum(p.numel() for p in final.parameters())}
             run.details["distill"] = details
     elif run:
@@ -389,9 +397,9 @@ def _execute(run: _Run) -> dict[str, Any]:
             return lambda: export_onnx(model, specs, outputs, recipe.export, start.sample, path).as_dict()
 
         config = {"export": recipe.export.model_dump(), "outputs": outputs, "sample": sample_hash}
-        details = run.cached("export", record, config, identity, [exported], export(final, exported))
+        details = run.cached("export", record, {**config, "file": exported.name}, identity, [exported], export(final, exported))
         if unpruned is not None:  # the original in ONNX too, so pruning's effect on ORT latency is measured
-            run.cached("export", {}, config, start.hashes, [unpruned], export(start.model, unpruned))
+            run.cached("export", {}, {**config, "file": unpruned.name}, start.hashes, [unpruned], export(start.model, unpruned))
         run.notes.extend(details.get("notes", []))
         run.details["export"] = {k: v for k, v in details.items() if k != "notes"}
 
@@ -428,8 +436,8 @@ def _execute(run: _Run) -> dict[str, Any]:
             )
             threads = recipe.verify.threads if recipe.verify else 2
             evaluation = start.validation or start.calibration
-            inputs = {"model": sha256(fp32), "calibration": start.hashes["calibration"], "validation": start.hashes["validation"],
-                      "isa": ",".join(cpu_info()["isa"]), "targets": str(targets), "threads": str(threads)}  # type: ignore[arg-type]
+            inputs = {**start.hashes, "model": sha256(fp32), "isa": ",".join(cpu_info()["isa"]),  # type: ignore[arg-type]
+                      "targets": str(targets), "threads": str(threads)}
             details = run.cached(
                 "quantize", record, cfg.model_dump(), inputs, [int8],
                 lambda: quantize_onnx(fp32, int8, cfg, start.calibration, batch, evaluation, targets, threads, run.progress).as_dict(),
@@ -489,6 +497,8 @@ def _verify(run: _Run, start: _Inputs, candidates: list[tuple[str, Path]], unpru
         if int8_p50 > fp32_p50:
             run.notes.append(f"the int8 model is slower than the fp32 ONNX model on this CPU ({int8_p50:.3f} vs {fp32_p50:.3f} ms p50)")
     threshold = recipe.verify.gates.min_speedup_vs_fp32
+    if threshold is not None and len(candidates) == 1:
+        run.notes.append("gate min_speedup_vs_fp32 not evaluated: this run made no int8 model")
     if threshold is not None and len(candidates) > 1:
         value = metrics["int8"].get("speedup_vs_fp32")
         passed = value is not None and value >= threshold

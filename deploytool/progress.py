@@ -33,7 +33,8 @@ class RichProgress:
         self._current: tuple[object, object] | None = None
 
     def track(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Bar(*columns, console=self.console, transient=True) as bar:

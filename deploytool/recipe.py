@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -82,13 +82,15 @@ class DataConfig(Strict):
 
 
 class PruneConfig(Strict):
-    method: Literal["channel", "magnitude"] = "channel"
+    method: Literal["channel", "magnitude", "nm"] = "channel"
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of channels (channel) or weights (magnitude) removed")
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     round_to: int | None = Field(8, ge=1, description="keep channel counts multiples of this")
     iterative_steps: int = Field(1, ge=1)
     global_pruning: bool = False
     scope: Literal["global", "layer"] = Field("global", description="magnitude pruning: one threshold or one per layer")
+    n: int = Field(2, ge=1, description="nm pruning: keep n of every m consecutive input weights")
+    m: int = Field(4, ge=2)
     ignore: list[str] = Field([], description="layer names or glob patterns never pruned (output heads always are)")
     sensitivity: bool = Field(False, description="scan each layer alone at scan_ratios and report the table")
     scan_ratios: list[float] = [0.25, 0.5, 0.75]
@@ -176,7 +178,7 @@ class VerifyConfig(Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
     min_seconds: float = Field(0.0, ge=0, description="keep timing until this many seconds have passed")
-    throughput_batches: list[int] = Field([], description="also measure throughput at these batch sizes")
+    throughput_batches: list[Annotated[int, Field(ge=1)]] = Field([], description="also measure throughput at these batch sizes")
     memory: bool = Field(True, description="measure each ONNX model's inference-session peak memory")
     gates: GatesConfig = GatesConfig()
 
@@ -199,6 +201,27 @@ class Recipe(Strict):
         """A recipe path made absolute against the recipe's folder."""
         path = Path(path).expanduser()
         return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def absolute(self) -> Recipe:
+        """A copy whose file paths are absolute, so it runs from any folder (the resolved recipe of a run)."""
+
+        def fix(value: str | None) -> str | None:
+            if value is None:
+                return None
+            target, sep, attr = value.rpartition(":")
+            if sep and attr.isidentifier() and target and not self.resolve(value).exists():
+                return f"{self.resolve(target)}:{attr}" if target.endswith(".py") else value  # a module stays a module
+            return str(self.resolve(value))
+
+        update: dict[str, Any] = {
+            "model": self.model.model_copy(update={"factory": fix(self.model.factory), "checkpoint": fix(self.model.checkpoint)}),
+            "data": self.data.model_copy(update={"calibration": fix(self.data.calibration), "validation": fix(self.data.validation)}),
+        }
+        if self.distill is not None:
+            update["distill"] = self.distill.model_copy(update={
+                key: fix(getattr(self.distill, key)) for key in ("train", "validation", "student_factory", "student_checkpoint")
+            })
+        return self.model_copy(update=update)
 
     def to_toml(self) -> str:
         import tomli_w

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from deploytool.data import Dataset
-from deploytool.errors import UserError
+from deploytool.errors import StageError, UserError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -28,33 +28,35 @@ class Runner(Protocol):
 class TorchRunner:
     """Eager PyTorch; forward(*inputs) in the order of the input specs."""
 
-    def __init__(self, name: str, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str]):
+    def __init__(self, name: str, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str] | None):
+        """output_names None: return whatever outputs forward() gives (for internal scoring)."""
         self.name = name
         self.model = model.eval()
         self.input_names = list(input_names)
-        self.output_names = list(output_names)
+        self.names = None if output_names is None else list(output_names)
+        self.output_names = self.names or []
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode():
             result = self.model(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names))
-        return [t.detach().numpy() for t in flatten_outputs(result, self.output_names)]
+        return [t.detach().numpy() for t in flatten_outputs(result, self.names)]
 
 
-def flatten_outputs(result: object, names: Sequence[str]) -> list[torch.Tensor]:
-    """A forward() result (tensor, tuple/list or dict of tensors) as a list in output order."""
+def flatten_outputs(result: object, names: Sequence[str] | None) -> list[torch.Tensor]:
+    """A forward() result (tensor, tuple/list or dict of tensors) as a list in output order (names None: any count)."""
     import torch
 
     if isinstance(result, torch.Tensor):
         outputs = [result]
     elif isinstance(result, Mapping):
-        outputs = [result[n] for n in names] if all(n in result for n in names) else list(result.values())
+        outputs = [result[n] for n in names] if names and all(n in result for n in names) else list(result.values())
     elif isinstance(result, (tuple, list)):
         outputs = list(result)
     else:
         raise UserError(f"the model's forward() returned {type(result).__name__}; expected tensors")
-    if len(outputs) != len(names):
+    if names is not None and len(outputs) != len(names):
         raise UserError(
             f"the model returns {len(outputs)} output(s) but [model] outputs names {len(names)}: {list(names)}"
         )
@@ -77,7 +79,9 @@ def session_options(threads: int) -> onnxruntime.SessionOptions:
 class OrtRunner:
     """An ONNX Runtime CPU session."""
 
-    def __init__(self, name: str, path: Path, threads: int = 1) -> None:
+    def __init__(self, name: str, path: Path, threads: int = 1, user_file: bool = False) -> None:
+        """`user_file`: the model is one the user named, so a model ONNX Runtime cannot load is a user error
+        (exit 2); a model deploytool made that does not load is a stage failure (exit 3)."""
         import onnxruntime as ort
 
         self.name = name
@@ -85,7 +89,9 @@ class OrtRunner:
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unreadable models
-            raise UserError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+            if user_file:
+                raise UserError(f"cannot load ONNX model {path}: {first_line(exc)}") from None
+            raise StageError("onnxruntime", f"cannot load {path.name}: {first_line(exc)}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -206,3 +206,18 @@ def test_data_parallel_distillation_with_two_processes(tmp_path: Path) -> None:
     accuracy = float(done.stdout.split("best validation accuracy ")[1].split()[0])
     assert accuracy > 0.9
     assert not np.isnan(accuracy)
+
+
+def test_nm_pruning_keeps_n_of_every_m_weights(nets: Path, specs: Any, calib: Any) -> None:
+    import torch
+
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    pruned, record = prune_model(build(nets, "branchy"), specs, PruneConfig(method="nm", n=2, m=4), calib, "classification")
+    weight = pruned.fc[0].weight  # Linear(32, 64): rows of 32 inputs, 8 groups of 4
+    assert torch.all((weight.reshape(64, 8, 4) != 0).sum(-1) <= 2)
+    conv = pruned.res[0].weight  # Conv2d(32, 32, 3): groups of 4 along the input channels
+    assert torch.all((conv.permute(0, 2, 3, 1).reshape(-1, 4) != 0).sum(-1) <= 2)
+    assert record.sparsity is not None and 0.4 < record.sparsity <= 0.5
+    assert any("not faster" in note for note in record.notes)

@@ -96,7 +96,7 @@ def _evaluate(
     from deploytool.compare import accuracy, compare_arrays
     from deploytool.runners import TorchRunner, infer_dataset
 
-    out = infer_dataset(TorchRunner("student", student, [s.name for s in specs], ["out"]), data, 256)[0]
+    out = infer_dataset(TorchRunner("student", student, [s.name for s in specs], None), data, 256)[0]
     if task == "classification" and data.labels is not None:
         return "accuracy", accuracy(out, data.labels)
     return "cosine", float(compare_arrays(teacher_out, out)["cosine_mean"])  # type: ignore[arg-type]
@@ -155,7 +155,7 @@ def distill(
         "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(steps, 1)),
     }[cfg.schedule]()
 
-    teacher_val = infer_dataset(TorchRunner("teacher", teacher, names, ["out"]), validation, 256)[0]
+    teacher_val = infer_dataset(TorchRunner("teacher", teacher, names, None), validation, 256)[0]
     metric, initial = _evaluate(student, teacher_val, specs, validation, task)
     best_score, best_epoch = initial, 0
     best_state = copy.deepcopy(student.state_dict())

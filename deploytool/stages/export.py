@@ -14,7 +14,7 @@ import numpy as np
 
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
-from deploytool.errors import StageError
+from deploytool.errors import StageError, first_line
 from deploytool.logs import quiet
 from deploytool.recipe import ExportConfig, InputSpec
 from deploytool.runners import OrtRunner, TorchRunner
@@ -117,7 +117,7 @@ def export_onnx(
             proto = _export_once(model, args, specs, outputs, cfg, dynamo=exporter == "dynamo")
             break
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             log.debug("%s exporter failed", exporter, exc_info=True)
             if exporter != attempts[-1]:
                 notes.append(f"the dynamo exporter failed ({reason[:200]}); fell back to the TorchScript exporter")
@@ -128,7 +128,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise StageError("export", f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        raise StageError("export", f"the exported model fails onnx.checker: {first_line(exc)}") from exc
     with atomic_path(out_path) as tmp:
         onnx.save(proto, str(tmp))
         exported = OrtRunner("onnx", tmp, threads=1)

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from deploytool.errors import UserError
+from deploytool.errors import UserError, first_line
 from deploytool.recipe import InputSpec
 
 _DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
@@ -24,7 +24,7 @@ def read_onnx(path: Path) -> Any:
     try:
         model = onnx.load(str(path))
     except (DecodeError, OSError, ValueError, RuntimeError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise UserError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(f"{path} is not a readable ONNX model: {first_line(exc)}") from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{path} is not a readable ONNX model: it holds no graph")
     return model

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploytool.errors import UserError
+from deploytool.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -72,7 +72,7 @@ def read_state_dict(path: Path, trust: bool = False) -> Mapping[str, torch.Tenso
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # unpickling errors come in many types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise UserError(
                 f"checkpoint {path} holds more than tensors (pickled objects); refusing to unpickle it",

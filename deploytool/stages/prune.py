@@ -21,7 +21,7 @@ import numpy as np
 
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
-from deploytool.errors import StageError, UserError
+from deploytool.errors import StageError, UserError, first_line
 from deploytool.recipe import InputSpec, PruneConfig
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def check_forward(model: torch.nn.Module, example: tuple[torch.Tensor, ...], wha
     except Exception as exc:
         where = stack[-1] if stack else ""
         after = last_done[0]
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(
             f"{what}: the model's forward() fails in layer '{where or '<top>'}' after layer '{after or '-'}' ran: "
             f"{type(exc).__name__}: {reason[:200]}",
@@ -219,7 +219,7 @@ def channel_prune(
     except UserError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise StageError(
             "prune",
             f"Torch-Pruning could not build or apply the dependency graph: {type(exc).__name__}: {reason[:200]}",
@@ -249,12 +249,39 @@ def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> tuple[torch.nn.
     return pruned, zeros / max(total, 1)
 
 
+def nm_prune(model: torch.nn.Module, cfg: PruneConfig) -> tuple[torch.nn.Module, float]:
+    """N:M sparsity: in every group of m consecutive input weights keep the n largest; returns (model, sparsity)."""
+    import torch
+
+    if cfg.n >= cfg.m:
+        raise UserError(f"[prune] nm needs n < m (got n = {cfg.n}, m = {cfg.m})")
+    pruned = copy.deepcopy(model).eval()
+    ignored = set(_resolve_ignored(pruned, cfg.ignore))
+    zeros = total = 0
+    with torch.no_grad():
+        for name, module in _prunable(pruned).items():
+            weight = module.weight
+            # group along the input dimension: (out, in, *kernel) -> rows of m input weights
+            rows = weight.transpose(0, 1).reshape(weight.shape[1], -1).t() if weight.dim() > 2 else weight
+            if name in ignored or rows.shape[-1] % cfg.m:
+                continue
+            groups = rows.reshape(-1, cfg.m)
+            drop = groups.abs().argsort(dim=1)[:, : cfg.m - cfg.n]
+            mask = torch.ones_like(groups).scatter_(1, drop, 0.0).reshape(rows.shape)
+            if weight.dim() > 2:
+                mask = mask.t().reshape(weight.shape[1], weight.shape[0], *weight.shape[2:]).transpose(0, 1)
+            weight.mul_(mask)
+            zeros += int((mask == 0).sum())
+            total += mask.numel()
+    return pruned, zeros / max(total, 1)
+
+
 def _score(model: torch.nn.Module, specs: Sequence[InputSpec], data: Dataset, reference: list[np.ndarray], task: str) -> float:
     """Accuracy with labels for classifiers, else mean output cosine to the unpruned model."""
     from deploytool.compare import accuracy, compare_arrays
     from deploytool.runners import TorchRunner, infer_dataset
 
-    outputs = infer_dataset(TorchRunner("m", model, [s.name for s in specs], ["out"] * len(reference)), data, 256)
+    outputs = infer_dataset(TorchRunner("m", model, [s.name for s in specs], None), data, 256)
     if task == "classification" and data.labels is not None:
         return accuracy(outputs[0], data.labels)
     return float(compare_arrays(reference[0], outputs[0])["cosine_mean"])  # type: ignore[arg-type]
@@ -269,7 +296,7 @@ def sensitivity_scan(
     example = _example(specs, data)
     skip = set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
     layers = [n for n in _prunable(model) if n not in skip]
-    reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], ["out"]), data, 256)
+    reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], None), data, 256)
     baseline = _score(model, specs, data, reference, task)
     table: dict[str, dict[str, float]] = {"<none>": {"0": baseline}}
     items = layers if progress is None else progress.track(layers, len(layers), "sensitivity scan")
@@ -298,10 +325,10 @@ def prune_model(
     if cfg.method == "channel":
         pruned = channel_prune(model, specs, cfg, data)
     else:
-        pruned, sparsity = magnitude_prune(model, cfg)
+        pruned, sparsity = magnitude_prune(model, cfg) if cfg.method == "magnitude" else nm_prune(model, cfg)
         ignored = sorted(set(_resolve_ignored(model, cfg.ignore)))
         notes.append(
-            f"magnitude pruning zeroed {sparsity:.0%} of the weights: the file compresses better, "
+            f"{cfg.method} pruning zeroed {sparsity:.0%} of the prunable weights: the file compresses better, "
             "but ONNX Runtime runs dense kernels, so it is not faster"
         )
     macs_after, params_after = count_macs(pruned, example)

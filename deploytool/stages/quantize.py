@@ -22,7 +22,7 @@ import numpy as np
 
 from deploytool.artifacts import atomic_path
 from deploytool.data import CalibrationReader, Dataset
-from deploytool.errors import StageError, UserError
+from deploytool.errors import StageError, UserError, first_line
 from deploytool.hardware import cpu_info, has_int8_dot_product
 from deploytool.logs import quiet
 from deploytool.progress import Progress, Silent
@@ -59,10 +59,6 @@ class QuantizeRecord:
         return {**flat, **self.settings}
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _preprocess(in_path: Path, out_path: Path, notes: list[str]) -> str:
     """quant_pre_process with symbolic shape inference, then without it; the raw model if both fail."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -71,7 +67,7 @@ def _preprocess(in_path: Path, out_path: Path, notes: list[str]) -> str:
         quant_pre_process(str(in_path), str(out_path))
         return "done"
     except Exception as exc:
-        first = _first_line(exc)
+        first = first_line(exc)
         log.debug("quant_pre_process failed", exc_info=True)
     try:
         quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=True)
@@ -79,7 +75,7 @@ def _preprocess(in_path: Path, out_path: Path, notes: list[str]) -> str:
         return "done without symbolic shape inference"
     except Exception as exc:
         log.debug("quant_pre_process without symbolic shapes failed", exc_info=True)
-        notes.append(f"pre-processing failed, quantized the model as is ({_first_line(exc)[:160]})")
+        notes.append(f"pre-processing failed, quantized the model as is ({first_line(exc)[:160]})")
         return "failed"
 
 
@@ -95,7 +91,7 @@ def _optimize_transformer(in_path: Path, out_path: Path, cfg: QuantizeConfig, no
         optimized.save_model_to_file(str(out_path))
     except Exception as exc:
         log.debug("transformer optimization failed", exc_info=True)
-        notes.append(f"transformer optimization failed, quantized the unfused model ({_first_line(exc)[:160]})")
+        notes.append(f"transformer optimization failed, quantized the unfused model ({first_line(exc)[:160]})")
         return "failed"
     return "transformer: " + (", ".join(f"{k} x{v}" for k, v in sorted(fused.items())) or "nothing fused")
 
@@ -145,7 +141,13 @@ class _Quantizer:
     def quantize(self, out: Path, exclude: list[str], op_types: list[str] | None = None, weight_type: str | None = None,
                  only: list[str] | None = None) -> None:
         """Quantize the prepared model into `out`, keeping `exclude` in float (or quantizing `only` these nodes)."""
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
 
         cfg = self.cfg
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -184,7 +186,7 @@ class _Quantizer:
             except UserError:
                 raise
             except Exception as exc:
-                raise StageError("quantize", f"onnxruntime {cfg.mode} quantization failed: {_first_line(exc)[:300]}") from exc
+                raise StageError("quantize", f"onnxruntime {cfg.mode} quantization failed: {first_line(exc)[:300]}") from exc
 
 
 class _Judge:
@@ -197,7 +199,9 @@ class _Judge:
         self.evaluation = evaluation
         self.targets = targets
         self.threads = threads
-        self.reference = infer_dataset(OrtRunner("fp32", fp32, threads), evaluation, 64)[0]
+        runner = OrtRunner("fp32", fp32, threads)
+        self.fixed = runner.batch_dim()  # a model with a fixed batch size takes exactly that many samples
+        self.reference = infer_dataset(runner, evaluation, self.fixed or 64, pad=self.fixed is not None)[0]
         self.labels = evaluation.labels
         self.base_accuracy = self._accuracy(self.reference)
 
@@ -212,7 +216,8 @@ class _Judge:
         from deploytool.compare import compare_arrays
         from deploytool.runners import OrtRunner, infer_dataset
 
-        out = infer_dataset(OrtRunner("candidate", path, self.threads), self.evaluation, 64)[0]
+        out = infer_dataset(OrtRunner("candidate", path, self.threads), self.evaluation, self.fixed or 64,
+                            pad=self.fixed is not None)[0]
         cosine = float(compare_arrays(self.reference, out)["cosine_mean"])  # type: ignore[arg-type]
         result: dict[str, Any] = {"cosine": round(cosine, 6)}
         ok = cosine >= self.targets.min_cosine
@@ -227,7 +232,7 @@ class _Judge:
         """p50 ms of each model, interleaved, at batch 1."""
         from deploytool.runners import OrtRunner, measure_latency
 
-        feeds = next(self.evaluation.batches(1))
+        feeds = next(self.evaluation.batches(self.fixed or 1, pad=self.fixed is not None))
         runners = [OrtRunner(name, path, self.threads) for name, path in paths.items()]
         return {name: lat.percentile(50) for name, lat in measure_latency(runners, feeds, 5, runs).items()}
 

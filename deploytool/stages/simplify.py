@@ -12,6 +12,7 @@ import numpy as np
 
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
+from deploytool.errors import first_line
 from deploytool.recipe import SimplifyConfig
 from deploytool.runners import OrtRunner
 
@@ -47,7 +48,7 @@ def simplify_onnx(in_path: Path, out_path: Path, cfg: SimplifyConfig, sample: Da
     try:
         simplified, ok = onnxsim.simplify(original)
     except Exception as exc:
-        return keep_original(f"onnxsim failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        return keep_original(f"onnxsim failed: {first_line(exc)}")
     if not ok:
         return keep_original("onnxsim could not validate its result")
     with tempfile.TemporaryDirectory(prefix="deploytool-simplify-") as folder:
@@ -60,7 +61,7 @@ def simplify_onnx(in_path: Path, out_path: Path, cfg: SimplifyConfig, sample: Da
             expected = reference.infer(feeds)
             got = OrtRunner("simplified", candidate).infer(feeds)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             return keep_original(f"the simplified model does not run: {reason}")
         if any(a.shape != b.shape for a, b in zip(expected, got)):
             return keep_original("the simplified model's output shapes differ")

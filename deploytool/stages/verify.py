@@ -95,6 +95,8 @@ def _output_metrics(
     metrics: dict[str, object] = {"outputs": per_output, "outputs_valid": valid}
     if tolerance is not None:
         metrics["within_tolerance"] = min(float(o.get("within_tolerance", 0.0)) for o in per_output.values())  # type: ignore[arg-type]
+    if not valid:  # the stable keys stay present, as null
+        metrics.update(cosine_mean=None, cosine_min=None, max_abs_error=None, snr_db=None)
     if valid:
         metrics["cosine_mean"] = min(float(o["cosine_mean"]) for o in per_output.values())  # type: ignore[arg-type]
         metrics["cosine_min"] = min(float(o["cosine_min"]) for o in per_output.values())  # type: ignore[arg-type]
@@ -227,6 +229,12 @@ def verify_models(
     return result
 
 
+def _probe_batch(runner: Runner | None, dataset: Dataset, size: int = 32) -> dict[str, np.ndarray]:
+    """Up to `size` samples, or exactly the runner's fixed batch size (wrapping around if needed)."""
+    fixed = _fixed_batch(runner) if runner is not None else None
+    return next(dataset.batches(fixed or min(size, len(dataset)), pad=fixed is not None))
+
+
 def verify_and_explain(
     reference: Runner,
     candidates: Sequence[tuple[str, Path]],
@@ -239,6 +247,7 @@ def verify_and_explain(
     localize_pairs: Sequence[tuple[str, Path, Path]] = (),
     always_localize: bool = False,
     golden: Path | None = None,
+    user_files: bool = False,
 ) -> dict[str, object]:
     """verify_models on ONNX files, plus what explains the verdict: session memory, where failing
     candidates diverge (pairs of name, base model, candidate model), golden outputs. A report fragment."""
@@ -246,19 +255,24 @@ def verify_and_explain(
     from deploytool.localize import localize
     from deploytool.memory import session_peak_bytes
 
-    runners = [OrtRunner(name, path, cfg.threads) for name, path in candidates]
-    extras = [OrtRunner(name, path, cfg.threads) for name, path in extra]
+    runners = [OrtRunner(name, path, cfg.threads, user_files) for name, path in candidates]
+    extras = [OrtRunner(name, path, cfg.threads, user_files) for name, path in extra]
+    expected = sorted(getattr(reference, "input_names", dataset.feeds))
+    for runner in [*runners, *extras]:
+        if sorted(runner.input_names) != expected:
+            raise UserError(f"{runner.path}: inputs {sorted(runner.input_names)} differ from the reference's {expected}")
     result = verify_models(reference, runners, dataset, task, cfg, sizes, progress, extra=extras)
     if golden is not None:
         save_golden(golden, dataset, reference.output_names, result.outputs[reference.name], reference.name)
-    feeds = next(dataset.batches(min(cfg.latency_batch, len(dataset))))
+    feeds = _probe_batch(runners[0] if runners else None, dataset, cfg.latency_batch)
     if cfg.memory:
         for name, path in [*candidates, *extra]:
             result.metrics[name]["peak_memory_bytes"] = session_peak_bytes(path, feeds, cfg.threads)
     failed = {g.model for g in result.failed}
     threshold = cfg.gates.min_cosine or 0.99
+    by_name = {r.name: r for r in runners}
     localization = {
-        name: localize(base, path, next(dataset.batches(32)), threshold)
+        name: localize(base, path, _probe_batch(by_name.get(name), dataset), threshold)
         for name, base, path in localize_pairs
         if always_localize or name in failed
     }
