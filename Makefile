@@ -1,12 +1,13 @@
 # make demo: create .venv if missing, install, run the sample recipe end to end.
 # make test: create .venv if missing, install with dev extras, run the test suite.
+# make bench: run the sample recipes and the baselines side by side, rewrite docs/benchmarks.md.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned to the CPU build and installed before the package, so no range can pull a CUDA build
 TORCH := torch==2.13.0
 
-.PHONY: demo test install install-dev sample clean
+.PHONY: demo test bench bench-memory install install-dev sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,13 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+# peak memory of calibration with 10x more samples; rewrites docs/calibration-memory.md (several minutes)
+bench-memory: install
+	$(BIN)/python -m benchmarks.calibration_memory
 
 # retrain the digits sample (needs scikit-learn, in the dev extras) and rewrite its data splits
 sample: install-dev
