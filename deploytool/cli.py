@@ -242,6 +242,7 @@ def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], ou
     """Prune a checkpoint; writes safetensors that reload with the same factory (no pickle)."""
     from deploytool.recipe import PruneConfig
     from deploytool.stages.prune import prune_model, save_model
+    from deploytool.stages.report import sensitivity_rows
 
     cfg = _validated(PruneConfig, method=method, ratio=ratio, importance=importance, round_to=round_to,
                      iterative_steps=iterative_steps, ignore=list(ignore), sensitivity=scan)
@@ -258,13 +259,6 @@ def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], ou
         click.echo(f"note: {note}")
     macs = f", MACs {record.macs_before:,} -> {record.macs_after:,}" if record.macs_before and record.macs_after else ""
     click.echo(f"wrote {out}: params {record.params_before:,} -> {record.params_after:,}{macs}; never pruned: {', '.join(record.ignored) or '-'}")
-
-
-def sensitivity_rows(table: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
-    ratios = sorted({r for row in table.values() for r in row if r != "0"}, key=float)
-    rows = [[layer, *(f"{row[r]:.4f}" if r in row else "-" for r in ratios)] for layer, row in table.items() if layer != "<none>"]
-    baseline = table.get("<none>", {}).get("0")
-    return ["layer", *(f"ratio {r}" + (f" (unpruned {baseline:.4f})" if i == 0 and baseline is not None else "") for i, r in enumerate(ratios))], rows
 
 
 @cli.command(name="distill")

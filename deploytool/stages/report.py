@@ -7,7 +7,6 @@ import json
 import math
 import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,9 @@ def json_safe(value: Any) -> Any:
 
 
 def environment(threads: int | None) -> dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for package in ("deploytool", "torch", "onnx", "onnxruntime", "onnxsim", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    from deploytool.cache import library_versions
+
+    versions = {"python": platform.python_version(), **library_versions()}
     return {"versions": versions, "platform": sys.platform, "cpu": cpu_info(), "threads": threads}
 
 
@@ -105,11 +101,13 @@ def _prune_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ]
 
 
-def _sensitivity_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    table = report["prune"]["sensitivity"]
+def sensitivity_rows(table: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+    """The sensitivity scan as a table: one row per layer pruned alone, one column per ratio."""
     ratios = sorted({r for row in table.values() for r in row if r != "0"}, key=float)
+    baseline = table.get("<none>", {}).get("0")
+    first = "layer (pruned alone)" + (f"; unpruned score {baseline:.4f}" if baseline is not None else "")
     rows = [[layer, *(_fmt(row.get(r)) for r in ratios)] for layer, row in table.items() if layer != "<none>"]
-    return ["layer (pruned alone)", *(f"ratio {r}" for r in ratios)], rows
+    return [first, *(f"ratio {r}" for r in ratios)], rows
 
 
 def _distill_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -134,7 +132,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[l
     if report.get("prune"):
         sections.append(("Pruning", _prune_rows(report)))
         if report["prune"].get("sensitivity"):
-            sections.append(("Layer sensitivity (score with only that layer pruned)", _sensitivity_rows(report)))
+            sections.append(("Layer sensitivity (score with only that layer pruned)", sensitivity_rows(report["prune"]["sensitivity"])))
     if report.get("distill"):
         sections.append(("Distillation", _distill_rows(report)))
     if any(w.get("first") or w.get("worst") for w in report.get("localization", {}).values()):
