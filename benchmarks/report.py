@@ -10,6 +10,8 @@ from benchmarks.results import BenchResult, Comparison, ToolchainEntry
 
 # latency ratios within this band of 1.0 are called "about the same"
 SAME_BAND = 0.10
+# deploytool verify's speedups further than this factor from the benchmark's are pointed out
+VERIFY_BAND = 1.25
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") -> str:
@@ -81,8 +83,9 @@ def _method(result: BenchResult) -> list[str]:
         f"{result.batch}). In each round a variant then runs {lat.block_warmup} untimed and {lat.block} timed "
         f"calls in a row ({bat.block_warmup} and {bat.block} at batch {result.batch}), as a model serving "
         "requests back to back would. Timing single alternating calls instead measures a model whose caches "
-        "hold the previous variant's weights, and whose cores the previous runtime's worker threads are still "
-        "spin-waiting on: on 2 cores that inflates PyTorch's latency most and shifts the int8/fp32 ratios.",
+        "hold the previous variant's weights, and whose cores the previous runtime's worker threads may still "
+        "be spin-waiting on. That adds latency unevenly across variants (on a busy 2-core machine PyTorch's "
+        "OpenMP region suffers most), which is why deploytool's verify figures can differ from these.",
         f"- **Other processes:** rounds are grouped in segments of about {lat.segment_seconds:.0f} s. A segment "
         f"during which other processes took more than {100 * lat.max_others:.0f}% of the machine's CPU (from "
         "/proc/stat, this process subtracted) is discarded; timing then pauses until the machine is quiet "
@@ -339,18 +342,18 @@ def _toolchain_reading(result: BenchResult) -> list[str]:
             f"peak RSS {entry.run.peak_rss_bytes / 2**20:.0f} MiB, of which "
             f"{result.import_floor_rss / 2**20:.0f} MiB is importing the libraries."
         )
-    inflated = [
-        f"{c.reported_speedup:.1f}x for `{c.name}` (measured here: {c.measured_speedup:.1f}x)"
+    differ = [
+        f"{c.reported_speedup:.1f}x for `{c.name}` (here: {c.measured_speedup:.1f}x)"
         for c in _verify_checks(result)
         if c.reported_speedup is not None and c.measured_speedup is not None
-        and c.reported_speedup > 1.5 * c.measured_speedup
+        and not 1 / VERIFY_BAND <= c.reported_speedup / c.measured_speedup <= VERIFY_BAND
     ]
-    if inflated:
+    if differ:
         lines.append(
-            "- deploytool's own verify stage reported speedups over PyTorch far above this benchmark's: "
-            + "; ".join(inflated)
-            + ". Verify times single alternating calls, which on this machine inflates the PyTorch reference's "
-            "latency (see How it is measured), so its `min_speedup` gate passes more easily than it should."
+            f"- deploytool's own verify stage reported speedups over PyTorch that differ from this benchmark's by "
+            f"more than {VERIFY_BAND:.2f}x: " + "; ".join(differ) + ". Verify times single alternating calls "
+            "(see How it is measured), so its `speedup` and its `min_speedup` gate depend on which model ran "
+            "just before and on what else the machine was doing."
         )
     return lines
 
