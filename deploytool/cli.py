@@ -1,6 +1,7 @@
 """The deploytool command line: a thin layer over the library, and the only place that exits.
 
-Exit codes: 0 every gate passed, 1 a gate failed, 2 user error, 3 a stage failed otherwise.
+Exit codes: 0 every gate passed, 1 a gate failed, 2 user error, 3 a stage failed otherwise,
+130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from deploytool import __version__
-from deploytool.errors import DeployError, GateFailure, UserError
+from deploytool.errors import DeployError, GateFailure, Terminated, UserError, note_signal, signal_received
 
 
 def _console(stderr: bool = False) -> Any:
@@ -36,19 +37,34 @@ class DeployGroup(click.Group):
             debug = bool(ctx.meta.get("deploytool.debug"))
             if debug:
                 traceback.print_exc()
+            if signal_received() and not isinstance(exc, GateFailure):
+                self._interrupted(ctx, signal_received() or "SIGINT")
             label = "FAILED" if isinstance(exc, GateFailure) else "error"
             click.echo(f"{label}: {exc.message}", err=True)
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
+        except (KeyboardInterrupt, Terminated) as exc:  # Ctrl-C or SIGTERM: one line, 130 or 143, nothing half-written
+            if ctx.meta.get("deploytool.debug"):
+                traceback.print_exc()
+            self._interrupted(ctx, "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM")
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug or an unexpected failure: still one line and exit 3
             if ctx.meta.get("deploytool.debug"):
                 traceback.print_exc()
+            if signal_received():  # what a signal broke, e.g. an import it cut short
+                self._interrupted(ctx, signal_received() or "SIGINT")
             click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
             click.echo("hint: rerun with --debug for the traceback", err=True)
             ctx.exit(3)
+
+    @staticmethod
+    def _interrupted(ctx: click.Context, name: str) -> None:
+        """One line, and exit 130 (SIGINT) or 143 (SIGTERM)."""
+        resume = "; run the same command again to resume the run" if ctx.invoked_subcommand == "run" else ""
+        click.echo(f"interrupted ({name}){resume}", err=True)
+        ctx.exit(Terminated.exit_code if name == "SIGTERM" else 130)
 
 
 @click.group(cls=DeployGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,16 +75,52 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Turn a PyTorch checkpoint into a smaller, faster ONNX model that is verified against the original.
 
     Exit codes: 0 all gates passed, 1 a gate failed, 2 user error (bad recipe, file or data),
-    3 a stage failed for another reason (details in the run log).
+    3 a stage failed for another reason (details in the run log), 130/143 interrupted (SIGINT/SIGTERM).
     """
     ctx.meta["deploytool.debug"] = debug
+    if debug:  # everything the library logs, including what libraries such as torch print, on stderr
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("deploytool")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        ctx.call_on_close(lambda: logger.removeHandler(handler))
 
 
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists", "pass --force to overwrite it")
-    if not path.parent.exists():
-        raise UserError(f"output folder {path.parent} does not exist")
+def _check_output(path: Path, force: bool, size_hint: int = 0) -> None:
+    """Check where an output file goes before any long work: never a folder or a special file, an existing
+    file only with --force, a folder that exists and can be written, and about `size_hint` bytes free there."""
+    import shutil
+    import tempfile
+
+    if path.is_dir():
+        raise UserError(f"{path} is a folder", "give the path of the file to write")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise UserError(f"{path} exists and is not a regular file", "give the path of the file to write")
+        if not force:
+            raise UserError(f"{path} already exists", "pass --force to overwrite it")
+    folder = path.parent
+    if not folder.exists():
+        raise UserError(f"output folder {folder} does not exist", "create it first")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # the real test: can a file be created there?
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+    free = shutil.disk_usage(folder).free
+    if free < size_hint:
+        raise UserError(f"not enough free space in {folder}: {free / 2**20:.1f} MiB free, "
+                        f"the output needs about {size_hint / 2**20:.1f} MiB")
+
+
+def _size_of(path: Path | None) -> int:
+    """A file's size, to estimate an output's (0 when there is none)."""
+    return path.stat().st_size if path is not None and path.is_file() else 0
 
 
 def _print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
@@ -114,13 +166,14 @@ def run(recipe: Path, out_dir: Path | None, overrides: tuple[str, ...], force: b
         follow_recipe(resolved)
         return
     out_dir = out_dir or Path("runs") / resolved.name
-    if junit is not None and not junit.parent.exists():
-        raise UserError(f"--junit: folder {junit.parent} does not exist")
-    result = run_recipe(resolved, out_dir, force=force, progress=RichProgress(_console(stderr=True)), use_cache=not no_cache)
     if junit is not None:
-        from deploytool.junit import write_junit
+        import os
 
-        write_junit(junit, resolved.name, result.report["gates"], sum(s["seconds"] for s in result.report["stages"]))
+        inside = Path(os.path.abspath(out_dir)) in Path(os.path.abspath(junit)).parents  # the run creates its folder
+        if not inside and not junit.parent.is_dir():
+            raise UserError(f"--junit: folder {junit.parent} does not exist", "create it first, or write the file into the run folder")
+    result = run_recipe(resolved, out_dir, force=force, progress=RichProgress(_console(stderr=True)), use_cache=not no_cache,
+                        junit=junit)
     _print_table(*summary_rows(result.report), title=f"{resolved.name}")
     if result.report["gates"]:
         _print_table(*gate_rows(result.report), title="gates")
@@ -204,7 +257,7 @@ def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outpu
     from deploytool.stages.export import export_onnx
 
     cfg = _validated(ExportConfig, opset=opset, dynamic_batch=not static_batch)
-    _check_output(out, force)
+    _check_output(out, force, _size_of(checkpoint))
     model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
     sample = _sample_for(model_cfg.inputs, data)
     if not simplify:
@@ -246,7 +299,7 @@ def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], ou
 
     cfg = _validated(PruneConfig, method=method, ratio=ratio, importance=importance, round_to=round_to,
                      iterative_steps=iterative_steps, ignore=list(ignore), sensitivity=scan)
-    _check_output(out, force)
+    _check_output(out, force, _size_of(checkpoint))
     model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
     from deploytool.data import load_dataset, random_dataset
 
@@ -293,7 +346,7 @@ def distill_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], 
                      patience=patience, seed=seed)
     leader = world()[0] == 0
     if leader:
-        _check_output(out, force)
+        _check_output(out, force, _size_of(student_checkpoint) or _size_of(checkpoint))
     model_cfg, teacher = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
     student = load_model(student_factory or factory, student_checkpoint, Path.cwd())
     train = load_dataset(train_data, model_cfg.inputs)
@@ -373,7 +426,7 @@ def quantize_cmd(model: Path, out: Path, calibration: Path | None, mode: str, fm
                      reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range], exclude_nodes=list(exclude_nodes),
                      op_types=list(op_types) or None, optimize=optimize, auto_mixed_precision=auto_mixed_precision,
                      speed_search=speed_search)
-    _check_output(out, force)
+    _check_output(out, force, _size_of(model) // 4)
     calibration_data = load_dataset(calibration, specs) if calibration else None
     evaluation = load_dataset(data, specs) if data else None
     batch = 16 if isinstance(specs[0].shape[0], str) else 1
@@ -386,53 +439,23 @@ def quantize_cmd(model: Path, out: Path, calibration: Path | None, mode: str, fm
     click.echo(f"wrote {out} ({mode}, reduce_range={record.settings['reduce_range']}: {record.settings['reduce_range_reason']})")
 
 
-def _reference(reference: Path, data: Path | None, task: str | None, seed: int, samples: int) -> tuple[Any, Any, str, Any, str]:
-    """(runner, dataset, task, recipe gates or None, label) for an ONNX file, golden outputs or a recipe's PyTorch model."""
-    from deploytool.data import load_dataset, random_dataset
-    from deploytool.golden import GoldenRunner, is_golden
-    from deploytool.runners import OrtRunner
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    import math
 
-    if reference.suffix == ".toml":
-        from deploytool.recipe import load_recipe
-        from deploytool.runners import TorchRunner
-        from deploytool.stages.load import load_model
-
-        from deploytool.pipeline import data_source
-
-        recipe = load_recipe(reference)
-        checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-        model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint)
-        specs = recipe.model.inputs
-        runner = TorchRunner("reference", model, [s.name for s in specs], recipe.model.outputs)
-        if data is not None:
-            dataset = load_dataset(data, specs, recipe.data.labels, recipe.data.image)
-        elif recipe.data.validation:
-            dataset = data_source(recipe, recipe.data.validation)  # as a run would load it
-        else:
-            dataset = random_dataset(specs, samples, seed)
-        gates = recipe.verify.gates if recipe.verify else None
-        return runner, dataset, task or recipe.data.task, gates, f"recipe {recipe.name} (PyTorch)"
-    if is_golden(reference):
-        golden = GoldenRunner(reference)
-        if data is not None:
-            raise UserError("--data cannot be combined with golden outputs: they verify on their own stored inputs")
-        return golden, golden.dataset, task or "generic", None, f"golden outputs {reference.name}"
-    if reference.suffix == ".npz":
-        raise UserError(f"{reference} is an .npz without deploytool golden outputs", "create them with verify --save-golden")
-    from deploytool.stages.inspect import input_specs
-
-    specs = input_specs(reference)
-    runner = OrtRunner("reference", reference, 1, user_file=True)
-    dataset = load_dataset(data, specs) if data else random_dataset(specs, samples, seed)
-    return runner, dataset, task or "generic", None, str(reference)
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a finite number of seconds >= 0")
+    return value
 
 
-def _candidate_names(reference: Path, candidates: tuple[Path, ...]) -> list[str]:
-    names: list[str] = []
-    for path in candidates:
-        name = path.stem if path.stem not in ("reference", reference.stem) else str(path)
-        names.append(name if name not in names else str(path))
-    return names
+def _check_report_dir(folder: Path, force: bool) -> None:
+    """--report DIR: a new or empty folder, or (with --force) one whose report files may be replaced."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--report {folder} exists and is not a folder")
+    existing = [name for name in ("report.json", "report.md", "report.html") if (folder / name).exists()]
+    if existing and not force:
+        raise UserError(f"--report {folder} already holds {', '.join(existing)}", "pass --force to overwrite them")
+    if not folder.exists() and not folder.parent.exists():
+        raise UserError(f"--report: folder {folder.parent} does not exist")
 
 
 @cli.command(name="verify")
@@ -443,35 +466,40 @@ def _candidate_names(reference: Path, candidates: tuple[Path, ...]) -> list[str]
               help="Task metrics to compute (default: the recipe's, else generic).")
 @click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE",
               help="e.g. min_cosine=0.99, max_accuracy_drop=0.01, atol=1e-3; repeatable; overrides a recipe's gates.")
-@click.option("--threads", default=2, show_default=True, type=int)
-@click.option("--runs", default=100, show_default=True, type=int, help="Timed runs per model.")
-@click.option("--warmup", default=10, show_default=True, type=int)
-@click.option("--min-seconds", default=0.0, show_default=True, type=float, help="Keep timing at least this long.")
-@click.option("--latency-batch", default=1, show_default=True, type=int)
+@click.option("--no-default-gates", is_flag=True, help="Apply only the gates named (by --gate or the recipe), no defaults.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(min=1), help="Timed calls per model (in blocks).")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("--min-seconds", default=0.0, show_default=True, type=float, callback=_finite, help="Keep timing at least this long.")
+@click.option("--max-seconds", default=60.0, show_default=True, type=float, callback=_finite,
+              help="Bound on timing when a speed gate needs more rounds to be decided.")
+@click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--throughput-batch", "throughput_batches", multiple=True, type=click.IntRange(min=1),
               help="Also measure throughput at this batch size; repeatable.")
 @click.option("--no-memory", is_flag=True, help="Skip measuring each session's peak memory.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs used without --data.")
-@click.option("--samples", default=64, show_default=True, type=int, help="Number of random inputs used without --data.")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1), help="Number of random inputs used without --data.")
 @click.option("--save-golden", type=click.Path(path_type=Path), help="Save the inputs and reference outputs here (.npz) for later runs.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json, report.md and report.html into this folder.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the gates as JUnit XML here.")
+@click.option("--force", is_flag=True, help="Overwrite existing --json, --report, --save-golden and --junit outputs.")
 def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None, task: str | None, gates: tuple[str, ...],
-               threads: int, runs: int, warmup: int, min_seconds: float, latency_batch: int, throughput_batches: tuple[int, ...],
-               no_memory: bool, seed: int, samples: int, save_golden: Path | None, json_out: Path | None,
-               report_dir: Path | None, junit: Path | None) -> None:
+               no_default_gates: bool, threads: int, runs: int, warmup: int, min_seconds: float, max_seconds: float,
+               latency_batch: int, throughput_batches: tuple[int, ...], no_memory: bool, seed: int, samples: int,
+               save_golden: Path | None, json_out: Path | None, report_dir: Path | None, junit: Path | None, force: bool) -> None:
     """Compare candidate ONNX models with a reference; exit 1 if a gate fails.
 
     REFERENCE is an ONNX file, golden outputs saved by --save-golden (or a run's golden.npz),
     or a recipe (its PyTorch model, and its validation data and gates unless given here).
+    Gates the user does not name get defaults chosen by what is compared (see the README).
     """
     import time
 
-    from deploytool.artifacts import describe
     from deploytool.recipe import GatesConfig, VerifyConfig
-    from deploytool.stages.report import environment, gate_rows, json_safe, summary_rows, write_reports
-    from deploytool.stages.verify import verify_and_explain
+    from deploytool.stages.reference import candidate_names, resolve_reference
+    from deploytool.stages.report import gate_rows, summary_rows, write_reports
+    from deploytool.stages.verify import verify_report
 
     started = time.perf_counter()
     for path in candidates:
@@ -484,38 +512,27 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
             gate_values[name.strip()] = float(value)
         except ValueError:
             raise UserError(f"--gate {text!r}: expected NAME=NUMBER", f"gates: {', '.join(GatesConfig.model_fields)}") from None
-    if not reference.exists():
-        raise UserError(f"reference not found: {reference}")
     if "min_speedup_vs_fp32" in gate_values:
         raise UserError("gate min_speedup_vs_fp32 compares a run's int8 model with its fp32 one; use min_speedup here",
                         "deploytool verify REFERENCE.onnx CANDIDATE.onnx --gate min_speedup=1.0 times the candidate against the reference")
-    runner, dataset, task, recipe_gates, label = _reference(reference, data, task, seed, samples)
-    base = recipe_gates.model_dump(exclude_none=True) if recipe_gates else {}
-    run_only = base.pop("min_speedup_vs_fp32", None)
-    cfg = _validated(VerifyConfig, threads=threads, runs=runs, warmup=warmup, min_seconds=min_seconds, latency_batch=latency_batch,
-                     throughput_batches=list(throughput_batches), memory=not no_memory,
-                     gates=_validated(GatesConfig, **{**base, **gate_values}))
     for path in (save_golden, json_out, junit):
-        if path is not None and not path.parent.exists():
-            raise UserError(f"output folder {path.parent} does not exist")
-    if "min_speedup" in cfg.gates.model_dump(exclude_none=True) and not getattr(runner, "timeable", True):
+        if path is not None:
+            _check_output(path, force)
+    if report_dir is not None:
+        _check_report_dir(report_dir, force)
+    _validated(GatesConfig, **gate_values)
+    ref = resolve_reference(reference, data, task, seed, samples)
+    base = ref.gates.model_dump(exclude_none=True) if ref.gates else {}
+    run_only = base.pop("min_speedup_vs_fp32", None)
+    cfg = _validated(VerifyConfig, threads=threads, runs=runs, warmup=warmup, min_seconds=min_seconds, max_seconds=max_seconds,
+                     latency_batch=latency_batch, throughput_batches=list(throughput_batches), memory=not no_memory,
+                     default_gates=not no_default_gates, gates=_validated(GatesConfig, **{**base, **gate_values}))
+    if "min_speedup" in cfg.gates.model_dump(exclude_none=True) and not getattr(ref.runner, "timeable", True):
         raise UserError("gate min_speedup needs a reference that runs: golden outputs have no latency")
-    names = _candidate_names(reference, candidates)
-    pairs = [(n, reference, p) for n, p in zip(names, candidates)] if reference.suffix == ".onnx" else []
-    sizes = {n: p.stat().st_size for n, p in zip(names, candidates)}
-    if reference.suffix == ".onnx":
-        sizes["reference"] = reference.stat().st_size
-    fragment = verify_and_explain(runner, list(zip(names, candidates)), dataset, task, cfg, sizes,
-                                  localize_pairs=pairs, golden=save_golden, user_files=True)
-    report = {"name": f"verify against {label}", "passed": fragment["passed"], "gates": fragment["gates"],
-              "models": {"reference": describe(reference), **{n: describe(p) for n, p in zip(names, candidates)}},
-              "metrics": fragment["metrics"],
-              "stages": [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}],
-              "environment": environment(threads), "data": dataset.source,
-              **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
+    report = verify_report(ref, reference, candidate_names(reference, candidates), list(candidates), cfg, save_golden)
+    report["stages"] = [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}]
     if run_only is not None:
         report["notes"].append("the recipe's gate min_speedup_vs_fp32 applies to runs (int8 against fp32): not evaluated here")
-    report = json_safe(report)
     _print_table(*summary_rows(report), title="verify")
     if report["gates"]:
         _print_table(*gate_rows(report), title="gates")
@@ -523,10 +540,11 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
         click.echo(f"note: {note}")
     if json_out:
         from deploytool.artifacts import write_text
+        from deploytool.stages.report import json_safe
 
-        write_text(json_out, json.dumps(report, indent=2) + "\n")
+        write_text(json_out, json.dumps(json_safe(report), indent=2) + "\n")
     if report_dir:
-        report_dir.mkdir(parents=True, exist_ok=True)
+        report_dir.mkdir(exist_ok=True)
         write_reports(report, report_dir)
     if junit:
         from deploytool.junit import write_junit
@@ -540,36 +558,49 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Inputs (.npz); default: seeded random inputs.")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch size; repeatable (default 1).")
-@click.option("--threads", default=2, show_default=True, type=int)
-@click.option("--runs", default=200, show_default=True, type=int)
-@click.option("--warmup", default=20, show_default=True, type=int)
-@click.option("--min-seconds", default=0.0, show_default=True, type=float)
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed calls per model (in blocks).")
+@click.option("--block", default=10, show_default=True, type=click.IntRange(min=1), help="Timed calls per block.")
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--min-seconds", default=0.0, show_default=True, type=float, callback=_finite)
+@click.option("--no-memory", is_flag=True, help="Skip measuring each session's peak memory.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
-def bench_cmd(models: tuple[Path, ...], data: Path | None, batches: tuple[int, ...], threads: int, runs: int, warmup: int,
-              min_seconds: float, json_out: Path | None) -> None:
-    """Latency (p50/p90/p99), throughput and session peak memory of ONNX models, interleaved."""
+@click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
+def bench_cmd(models: tuple[Path, ...], data: Path | None, batches: tuple[int, ...], threads: int, runs: int, block: int,
+              warmup: int, min_seconds: float, no_memory: bool, json_out: Path | None, force: bool) -> None:
+    """Latency (p50/p90/p99), throughput, speedup over the first model and session peak memory of ONNX models.
+
+    Timed side by side by the block method: blocks of calls per model in shuffled order, spin-waiting off,
+    with an A/A control (the first model against itself) that shows the noise floor."""
     from deploytool.data import load_dataset, random_dataset
-    from deploytool.memory import session_peak_bytes
-    from deploytool.runners import OrtRunner, measure_latency
+    from deploytool.latency import TimingPlan
+    from deploytool.stages.bench import bench_models
     from deploytool.stages.inspect import input_specs
 
+    for model in models:
+        if not model.is_file():
+            raise UserError(f"model not found: {model}")
+    if json_out is not None:
+        _check_output(json_out, force)
     specs = input_specs(models[0])
     sizes = sorted(set(batches or (1,)))
     dataset = load_dataset(data, specs) if data else random_dataset(specs, max(sizes))
-    if len(dataset) < max(sizes):
-        raise UserError(f"{dataset.source} holds {len(dataset)} samples; --batch {max(sizes)} needs that many")
-    runners = [OrtRunner(str(m), m, threads, user_file=True) for m in models]
-    results: dict[str, Any] = {str(m): {"size_bytes": m.stat().st_size, "batches": {}} for m in models}
-    for batch in sizes:
-        feeds = next(dataset.batches(batch))
-        for name, latency in measure_latency(runners, feeds, warmup, runs, None, min_seconds).items():
-            results[name]["batches"][str(batch)] = {**latency.summary(), "throughput_per_s": round(batch * 1000 / latency.percentile(50), 2)}
-    for m in models:
-        results[str(m)]["peak_memory_bytes"] = session_peak_bytes(m, next(dataset.batches(sizes[0])), threads)
-    rows = [[name, str(b), f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['p99']:.3f}", f"{r['throughput_per_s']:.1f}",
-             f"{(res['peak_memory_bytes'] or 0) / 2**20:.1f}"] for name, res in results.items() for b, r in res["batches"].items()]
-    _print_table(["model", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "session MiB"], rows,
-                 title=f"latency, {threads} thread(s), {runs} interleaved runs")
+    plan = TimingPlan.for_calls(runs, block, warmup, min_seconds, max(60.0, min_seconds))
+    results = bench_models(list(models), dataset, sizes, threads, plan, memory=not no_memory)
+    rows = []
+    for name, res in results["models"].items():
+        for b, r in res["batches"].items():
+            speedup = f"{r['speedup']:.2f}x [{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}]" if "speedup" in r else "-"
+            memory = res.get("peak_memory_bytes")
+            rows.append([name, b, f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['p99']:.3f}", f"{r['throughput_per_s']:.1f}",
+                         speedup, f"{memory / 2**20:.1f}" if memory else "-"])
+    _print_table(["model", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "speedup vs first", "session MiB"], rows,
+                 title=f"latency, {threads} thread(s), blocks of {plan.block} calls, {plan.rounds} rounds, spin-waiting off")
+    for batch, how in results["latency"].items():
+        aa = how.get("aa") or {}
+        if aa:
+            click.echo(f"A/A control at batch {batch} ({aa['model']} against itself): {aa['value']:.3f}x "
+                       f"[{aa['ci'][0]:.3f}, {aa['ci'][1]:.3f}]: differences below {aa['noise']:.1%} are noise")
     if json_out:
         from deploytool.artifacts import write_text
 
@@ -596,7 +627,25 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
     _print_table(["op", "count"], [[op, str(n)] for op, n in info["ops"].items()], title="operators")
 
 
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT raises KeyboardInterrupt, SIGTERM Terminated: both unwind the program, so that partial work is
+    cleaned up and a run stays resumable. A second SIGTERM ends the program at once."""
+    import signal
+
+    name = signal.Signals(signum).name
+    note_signal(name)
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     cli(prog_name="deploytool")
 
 

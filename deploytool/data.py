@@ -45,18 +45,39 @@ class Dataset:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    # checked first: given anything else, numpy tries it as a pickle and advises allow_pickle=
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"cannot read data file {path}: it is not a valid .npz file (not a zip archive); "
+                        "it may be empty, truncated or in another format", "write it with numpy.savez(path, NAME=array, ...)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"cannot read data file {path}: {exc}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise _unreadable(path, exc, ".npz") from None
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
+        with path.open("rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise UserError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    if magic != b"\x93NUMPY":
+        raise UserError(f"cannot read data file {path}: it is not a valid .npy file; it may be empty, truncated or in another format",
+                        "write it with numpy.save(path, array)")
+    try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise UserError(f"cannot read data file {path}: {exc}") from None
+        raise _unreadable(path, exc, ".npy") from None
+
+
+def _unreadable(path: Path, exc: BaseException, kind: str) -> UserError:
+    """A data file numpy could not read, said plainly (numpy's own text may advise unsafe loading)."""
+    if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
+        return UserError(f"cannot read data file {path}: it holds Python objects (object arrays), which are never unpickled",
+                         "save plain numeric arrays")
+    return UserError(f"cannot read data file {path}: it is not a valid {kind} file ({type(exc).__name__}: {exc})",
+                     "it may be truncated or corrupt")
 
 
 def _read_folder(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
@@ -167,7 +188,7 @@ def _read_callable(source: str, specs: Sequence[InputSpec], base_dir: Path) -> d
     or plain arrays for single-input models."""
     from deploytool.stages.load import resolve_factory
 
-    function = resolve_factory(source, base_dir)
+    function = resolve_factory(source, base_dir, "data callable")
     parts: dict[str, list[np.ndarray]] = {}
     try:
         for item in function():

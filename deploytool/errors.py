@@ -40,3 +40,26 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (SIGINT), so partial work is cleaned up and kept resumable.
+
+    A BaseException, so that handlers for ordinary errors do not swallow it."""
+
+    exit_code = 143
+
+
+# The signals (SIGINT, SIGTERM) that have arrived, noted by the command line's handlers. A signal can surface
+# as another error (Ctrl-C during a C extension's import becomes "ImportError: initialization failed");
+# what failed after one is reported as the interruption it was.
+_signals: list[str] = []
+
+
+def note_signal(name: str) -> None:
+    _signals.append(name)
+
+
+def signal_received() -> str | None:
+    """The name of the last signal that arrived ('SIGINT', 'SIGTERM'), if any."""
+    return _signals[-1] if _signals else None

@@ -49,8 +49,57 @@ def _with_outputs(model: Any, names: list[str], folder: Path, label: str) -> Pat
     return path
 
 
-def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], min_cosine: float = 0.99) -> dict[str, Any]:
-    """Per shared tensor: cosine and errors; plus the first tensor under `min_cosine` and the worst one."""
+def _sizes(model: Any, names: list[str], batch: int) -> dict[str, int]:
+    """Estimated bytes of each tensor for a batch: inferred shapes, symbolic dimensions taken as the batch size."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is only an estimate here
+        inferred = model
+    shapes: dict[str, int] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape"):
+            count = 1
+            for dim in dims:
+                count *= dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else batch
+            shapes[value.name] = 4 * count
+    known = [shapes[n] for n in names if n in shapes]
+    fallback = max(known) if known else 4 * batch * 1024
+    return {n: shapes.get(n, fallback) for n in names}
+
+
+def _groups(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive tensors in groups of at most `budget` estimated bytes (a larger tensor forms a group alone)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        if groups[-1] and used + sizes[name] > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += sizes[name]
+    return [g for g in groups if g]
+
+
+def _row(name: str, node: str, op: str, stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tensor": name,
+        "node": node,
+        "op": op,
+        "cosine_mean": round(float(stats["cosine_mean"]), 6),
+        "max_abs_error": float(stats["max_abs_error"]),
+        "snr_db": stats["snr_db"],
+    }
+
+
+def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], min_cosine: float = 0.99,
+             budget_bytes: int = 128 * 2**20) -> dict[str, Any]:
+    """Per shared tensor: cosine and errors; plus the first tensor under `min_cosine` and the worst one.
+
+    Memory stays bounded whatever the number of tensors: they are exposed in groups of at most
+    `budget_bytes` (estimated, per model), each group run on its own, and only statistics are kept."""
     import onnx
 
     from deploytool.runners import OrtRunner
@@ -64,28 +113,27 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
     shared = [n for n in ref_tensors if paired[n] in cand_tensors]
     if not shared:
         return {"tensors": [], "first": None, "worst": None, "note": "the models share no intermediate tensor names"}
+    batch = len(next(iter(feeds.values()))) if feeds else 1
+    groups = _groups(shared, _sizes(ref_model, shared, batch), budget_bytes)
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="deploytool-localize-") as tmp:
         folder = Path(tmp)
-        ref_runner = OrtRunner("reference", _with_outputs(ref_model, shared, folder, "reference"))
-        cand_runner = OrtRunner("candidate", _with_outputs(cand_model, [paired[n] for n in shared], folder, "candidate"))
-        ref_out = dict(zip(ref_runner.output_names, ref_runner.infer(feeds)))
-        cand_out = dict(zip(cand_runner.output_names, cand_runner.infer(feeds)))
-    rows: list[dict[str, Any]] = []
-    for name in shared:
-        stats = compare_arrays(ref_out[name], cand_out[paired[name]])
-        if not stats["shape_match"]:
-            continue
-        node, op = ref_tensors[name]
-        rows.append(
-            {
-                "tensor": name,
-                "node": node,
-                "op": op,
-                "cosine_mean": round(float(stats["cosine_mean"]), 6),  # type: ignore[arg-type]
-                "max_abs_error": float(stats["max_abs_error"]),  # type: ignore[arg-type]
-                "snr_db": stats["snr_db"],
-            }
-        )
+        for index, group in enumerate(groups):
+            ref_runner = OrtRunner("reference", _with_outputs(ref_model, group, folder, f"reference{index}"))
+            ref_out = dict(zip(ref_runner.output_names, ref_runner.infer(feeds)))
+            del ref_runner
+            cand_runner = OrtRunner("candidate", _with_outputs(cand_model, [paired[n] for n in group], folder, f"candidate{index}"))
+            cand_out = dict(zip(cand_runner.output_names, cand_runner.infer(feeds)))
+            del cand_runner
+            for name in group:
+                stats = compare_arrays(ref_out.pop(name), cand_out.pop(paired[name]))
+                if stats["shape_match"]:
+                    rows.append(_row(name, *ref_tensors[name], stats))
+            ref_out.clear()
+            cand_out.clear()
+            for label in (f"reference{index}", f"candidate{index}"):
+                (folder / f"{label}.onnx").unlink(missing_ok=True)
     diverging = [r for r in rows if not r["cosine_mean"] >= min_cosine]  # NaN counts as diverging
     worst = min(rows, key=lambda r: r["cosine_mean"] if np.isfinite(r["cosine_mean"]) else -2.0) if rows else None
-    return {"tensors": rows, "first": diverging[0] if diverging else None, "worst": worst, "threshold": min_cosine}
+    return {"tensors": rows, "first": diverging[0] if diverging else None, "worst": worst, "threshold": min_cosine,
+            "groups": len(groups)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from typing import Any
 
 
@@ -28,6 +29,9 @@ def _encode(fig: Any) -> str:
 
 def latency_plot(samples: dict[str, list[float]]) -> str | None:
     """Latency distribution per model (box plot, log scale when the spread is wide)."""
+    samples = {name: [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+               for name, values in samples.items() if isinstance(values, list)}
+    samples = {name: values for name, values in samples.items() if values}
     if not samples:
         return None
     fig, ax = _figure()
@@ -38,22 +42,29 @@ def latency_plot(samples: dict[str, list[float]]) -> str | None:
     values = [v for n in names for v in samples[n]]
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_xscale("log")
-    ax.set_title("Latency distribution (interleaved runs)")
+    ax.set_title("Latency distribution (block-timed calls)")
     return _encode(fig)
 
 
 def layer_error_plot(tensors: list[dict[str, Any]], first: dict[str, Any] | None, title: str) -> str | None:
     """1 - cosine per intermediate tensor, in graph order; the first diverging tensor is marked."""
+    tensors = [t for t in tensors if isinstance(t, dict)]
     if not tensors:
         return None
     fig, ax = _figure(7.0, 3.6)
-    errors = [max(1.0 - float(t["cosine_mean"]), 1e-9) if t["cosine_mean"] == t["cosine_mean"] else 2.0 for t in tensors]
-    colours = ["#c0392b" if first and t["tensor"] == first["tensor"] else "#2c7fb8" for t in tensors]
+
+    def error(cosine: object) -> float:  # missing or NaN cosine: drawn as the largest error (2)
+        value = float(cosine) if isinstance(cosine, (int, float)) else math.nan
+        return max(1.0 - value, 1e-9) if math.isfinite(value) else 2.0
+
+    errors = [error(t.get("cosine_mean")) for t in tensors]
+    first_name = first.get("tensor") if isinstance(first, dict) else None
+    colours = ["#c0392b" if first_name is not None and t.get("tensor") == first_name else "#2c7fb8" for t in tensors]
     ax.bar(range(len(tensors)), errors, color=colours)
     ax.set_yscale("log")
     ax.set_ylabel("1 - cosine")
     step = max(1, len(tensors) // 30)
-    ax.set_xticks(range(0, len(tensors), step), [tensors[i]["tensor"][:18] for i in range(0, len(tensors), step)],
+    ax.set_xticks(range(0, len(tensors), step), [str(tensors[i].get("tensor"))[:18] for i in range(0, len(tensors), step)],
                   rotation=70, fontsize=7)
     ax.set_title(title)
     return _encode(fig)
@@ -61,14 +72,19 @@ def layer_error_plot(tensors: list[dict[str, Any]], first: dict[str, Any] | None
 
 def models_plot(report: dict[str, Any]) -> str | None:
     """File size, accuracy (or cosine) and p50 latency of each model, side by side."""
-    names = [n for n in report["metrics"] if n in report["models"]]
+    metrics, models = report.get("metrics") or {}, report.get("models") or {}
+    names = [n for n in metrics if n in models and isinstance(metrics[n], dict) and isinstance(models[n], dict)]
     if not names:
         return None
     fig, axes = _figure(9.0, 3.0, columns=3)
-    sizes = [report["models"][n].get("size_bytes", 0) / 1024 for n in names]
-    quality_key = "accuracy" if any("accuracy" in report["metrics"][n] for n in names) else "cosine_mean"
-    quality = [report["metrics"][n].get(quality_key) or 0.0 for n in names]
-    latency = [report["metrics"][n].get("latency_ms", {}).get("p50") or 0.0 for n in names]
+
+    def number(value: object) -> float:  # None and NaN are drawn as 0
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+    sizes = [number(models[n].get("size_bytes")) / 1024 for n in names]
+    quality_key = "accuracy" if any("accuracy" in metrics[n] for n in names) else "cosine_mean"
+    quality = [number(metrics[n].get(quality_key)) for n in names]
+    latency = [number((metrics[n].get("latency_ms") or {}).get("p50")) for n in names]
     for ax, values, label in zip(axes, (sizes, quality, latency), ("size (KB)", quality_key, "p50 latency (ms)")):
         ax.barh(names, values, color="#2c7fb8")
         ax.set_title(label, fontsize=9)

@@ -60,7 +60,7 @@ class ImageConfig(Strict):
     resize: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width]")
     crop: list[int] | None = Field(None, min_length=2, max_length=2, description="centre crop [height, width]")
     color: Literal["rgb", "gray"] = "rgb"
-    scale: float = Field(1 / 255, gt=0, description="pixel values are multiplied by this first")
+    scale: float = Field(1 / 255, gt=0, allow_inf_nan=False, description="pixel values are multiplied by this first")
     mean: list[float] = [0.0]
     std: list[float] = [1.0]
     layout: Literal["nchw", "nhwc"] = "nchw"
@@ -108,11 +108,11 @@ class DistillConfig(Strict):
     validation: str | None = Field(None, description="early-stopping data; default [data] validation")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss when labels exist")
     loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without improvement")
@@ -125,14 +125,14 @@ class ExportConfig(Strict):
     opset: int = Field(18, ge=9, le=23)
     dynamic_batch: bool = True
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
-    atol: float = Field(1e-4, ge=0)
-    rtol: float = Field(1e-3, ge=0)
+    atol: float = Field(1e-4, ge=0, allow_inf_nan=False)
+    rtol: float = Field(1e-3, ge=0, allow_inf_nan=False)
 
 
 class SimplifyConfig(Strict):
     enabled: bool = True
-    atol: float = Field(1e-5, ge=0)
-    rtol: float = Field(1e-4, ge=0)
+    atol: float = Field(1e-5, ge=0, allow_inf_nan=False)
+    rtol: float = Field(1e-4, ge=0, allow_inf_nan=False)
 
 
 class QuantizeConfig(Strict):
@@ -155,20 +155,28 @@ class QuantizeConfig(Strict):
     hidden_size: int = Field(0, ge=0, description="hidden size, for optimize = \"transformer\" (0: detect)")
     auto_mixed_precision: bool = Field(False, description="keep the most sensitive nodes in float until the targets hold")
     speed_search: bool = Field(False, description="when int8 is slower than fp32, try cheaper variants")
-    min_cosine: float | None = Field(None, description="target for the searches; default: [verify.gates] min_cosine or 0.99")
-    max_accuracy_drop: float | None = Field(None, ge=0, description="target for the searches; default: [verify.gates]")
-    search_samples: int = Field(256, ge=1, description="validation samples the searches score on")
+    min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description="target for the searches; default: [verify.gates] min_cosine or 0.99")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="target for the searches; default: [verify.gates]")
+    search_samples: int | None = Field(None, ge=1, description="cap on the validation samples the quantize stage scores "
+                                       "on; default: all of them, the samples the verify stage gates on")
+    equalize: bool | Literal["auto"] = Field("auto", description="cross-layer equalization of Conv chains; auto: kept "
+                                             "when the quantized model scores better with it")
+    bias_correction: bool | Literal["auto"] = Field("auto", description="correct biases for the shift weight quantization "
+                                                    "causes; auto: kept when the quantized model scores better with it")
+    layer_weights: Literal["auto", "uniform"] = Field("auto", description="auto: where 7-bit weights (reduce_range) miss "
+                                                      "the targets, 8-bit weights on the layers that gain most")
 
 
 class GatesConfig(Strict):
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
-    min_top1_agreement: float | None = Field(None, ge=0, le=1)
-    min_cosine: float | None = Field(None, ge=-1, description="mean cosine similarity to the reference outputs")
-    min_speedup: float | None = Field(None, gt=0, description="reference p50 latency / candidate p50 latency")
-    max_size_ratio: float | None = Field(None, gt=0, description="candidate file size / reference checkpoint size")
-    min_speedup_vs_fp32: float | None = Field(None, gt=0, description="int8 only: fp32 ONNX p50 latency / int8 p50 latency")
-    atol: float | None = Field(None, ge=0, description="element-wise: every element within atol or rtol * |reference|")
-    rtol: float | None = Field(None, ge=0)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="reference accuracy - candidate accuracy, in [0, 1]")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="share of samples, in [0, 1]")
+    min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description="mean cosine similarity to the reference outputs, in [-1, 1]")
+    min_speedup: float | None = Field(None, gt=0, allow_inf_nan=False, description="reference p50 latency / candidate p50 latency")
+    max_size_ratio: float | None = Field(None, gt=0, allow_inf_nan=False, description="candidate file size / reference checkpoint size")
+    min_speedup_vs_fp32: float | None = Field(None, gt=0, allow_inf_nan=False, description="int8 only: fp32 ONNX p50 latency / int8 p50 latency")
+    min_snr_db: float | None = Field(None, allow_inf_nan=False, description="signal-to-noise ratio of the outputs in dB: catches scaled outputs that cosine misses")
+    atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="element-wise: every element within atol or rtol * |reference|")
+    rtol: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class VerifyConfig(Strict):
@@ -176,8 +184,11 @@ class VerifyConfig(Strict):
     batch_size: int = Field(64, ge=1, description="batch size for accuracy and error metrics")
     latency_batch: int = Field(1, ge=1, description="batch size for latency measurement")
     warmup: int = Field(10, ge=0)
-    runs: int = Field(100, ge=1)
-    min_seconds: float = Field(0.0, ge=0, description="keep timing until this many seconds have passed")
+    runs: int = Field(100, ge=1, description="timed calls per model, in blocks of `block` calls (at least 5 rounds)")
+    block: int = Field(10, ge=1, description="timed calls per block; each round times one block per model, in shuffled order")
+    max_seconds: float = Field(60.0, gt=0, allow_inf_nan=False, description="bound on timing when a speed gate needs more rounds to be decided")
+    default_gates: bool = Field(True, description="apply the default gates for every gate the recipe does not name")
+    min_seconds: float = Field(0.0, ge=0, allow_inf_nan=False, description="keep timing until this many seconds have passed")
     throughput_batches: list[Annotated[int, Field(ge=1)]] = Field([], description="also measure throughput at these batch sizes")
     memory: bool = Field(True, description="measure each ONNX model's inference-session peak memory")
     gates: GatesConfig = GatesConfig()
@@ -344,7 +355,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a UserError naming the key."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some Windows editors write one) is fine
     except FileNotFoundError:
         raise UserError(f"recipe not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +34,10 @@ class TorchRunner:
         self.names = None if output_names is None else list(output_names)
         self.output_names = self.names or []
 
+    def twin(self, name: str) -> TorchRunner:
+        """Another runner over the same module (the A/A control of the latency method)."""
+        return TorchRunner(name, self.model, self.input_names, self.names)
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
@@ -64,7 +66,9 @@ def flatten_outputs(result: object, names: Sequence[str] | None) -> list[torch.T
 
 
 def session_options(threads: int) -> onnxruntime.SessionOptions:
-    """Deploy-time session options: pinned intra-op threads, sequential execution, full graph optimization."""
+    """Deploy-time session options: pinned intra-op threads, sequential execution, full graph optimization,
+    and intra-op threads that sleep instead of spin-waiting between calls (spinning threads steal the CPU
+    from whatever runs next, which biases every side-by-side timing on a small machine)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -73,6 +77,7 @@ def session_options(threads: int) -> onnxruntime.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -86,6 +91,8 @@ class OrtRunner:
 
         self.name = name
         self.path = path
+        self.threads = threads
+        self.user_file = user_file
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unreadable models
@@ -94,6 +101,10 @@ class OrtRunner:
             raise StageError("onnxruntime", f"cannot load {path.name}: {first_line(exc)}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def twin(self, name: str) -> OrtRunner:
+        """A second session of the same file (the A/A control of the latency method)."""
+        return OrtRunner(name, self.path, self.threads, self.user_file)
 
     def batch_dim(self) -> int | None:
         """The fixed batch size of the first input, or None when the batch axis is dynamic."""
@@ -110,53 +121,3 @@ def infer_dataset(runner: Runner, dataset: Dataset, batch_size: int, pad: bool =
     pad: fill a short last batch up to batch_size (a model with a fixed batch size) and drop the extra outputs."""
     chunks: list[list[np.ndarray]] = [runner.infer(batch) for batch in dataset.batches(batch_size, pad)]
     return [np.concatenate([c[i] for c in chunks])[: len(dataset)] for i in range(len(chunks[0]))]
-
-
-@dataclass
-class Latency:
-    samples_ms: list[float]
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.samples_ms, q))
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "p50": round(self.percentile(50), 4),
-            "p90": round(self.percentile(90), 4),
-            "p99": round(self.percentile(99), 4),
-            "mean": round(float(np.mean(self.samples_ms)), 4),
-        }
-
-
-def measure_latency(
-    runners: Sequence[Runner],
-    feeds: Mapping[str, np.ndarray],
-    warmup: int,
-    runs: int,
-    progress: object = None,
-    min_seconds: float = 0.0,
-) -> dict[str, Latency]:
-    """Interleaved latency: each round times every runner once, rotating the order between rounds.
-
-    At least `runs` rounds, and more until `min_seconds` have passed."""
-    for runner in runners:
-        for _ in range(warmup):
-            runner.infer(feeds)
-    samples: dict[str, list[float]] = {r.name: [] for r in runners}
-    rounds = range(runs) if progress is None else progress.track(range(runs), runs, "measuring latency")  # type: ignore[attr-defined]
-    deadline = time.perf_counter() + min_seconds
-
-    def all_rounds() -> Iterator[int]:
-        yield from rounds
-        i = runs
-        while time.perf_counter() < deadline:
-            yield i
-            i += 1
-
-    for i in all_rounds():
-        k = i % len(runners)
-        for runner in [*runners[k:], *runners[:k]]:
-            start = time.perf_counter()
-            runner.infer(feeds)
-            samples[runner.name].append((time.perf_counter() - start) * 1000.0)
-    return {name: Latency(values) for name, values in samples.items()}

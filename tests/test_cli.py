@@ -51,11 +51,18 @@ def test_digits_report_json_has_the_stable_keys(digits_run: tuple[CliRun, Path])
 
     assert report["gates"], "the recipe has gates"
     for gate in report["gates"]:
-        assert set(gate) == {"name", "model", "value", "threshold", "passed"}
+        assert {"name", "model", "value", "threshold", "passed", "default"} <= set(gate)
+        assert set(gate) <= {"name", "model", "value", "threshold", "passed", "default", "against", "interval"}
         assert gate["passed"] is True
-    assert {(g["name"], g["model"]) for g in report["gates"]} >= {
-        ("max_accuracy_drop", "int8"), ("min_cosine", "int8"), ("min_speedup", "int8"), ("min_cosine", "fp32"),
+        if gate["name"].startswith("min_speedup"):  # speed gates pass only when the whole interval clears them
+            assert gate["interval"][0] >= gate["threshold"]
+    assert {(g["name"], g["model"], g["default"]) for g in report["gates"]} >= {
+        ("max_accuracy_drop", "int8", False), ("min_cosine", "int8", False), ("min_speedup", "int8", False),
+        ("min_cosine", "fp32", False), ("within_tolerance", "fp32", True), ("min_snr_db", "int8", True),
+        ("min_top1_agreement", "int8", True), ("min_speedup_vs_fp32", "int8", True),
     }
+    latency = report["latency"]
+    assert latency["method"] == "blocks" and latency["spinning"] is False and latency["aa"]["model"] == "reference"
 
     assert set(report["models"]) >= {"reference", "fp32", "int8"}
     for name, model in report["models"].items():
@@ -71,7 +78,10 @@ def test_digits_report_json_has_the_stable_keys(digits_run: tuple[CliRun, Path])
         metrics = report["metrics"][name]
         assert {"cosine_mean", "cosine_min", "max_abs_error", "snr_db", "latency_ms", "speedup"} <= set(metrics), name
         assert {"p50", "p90", "p99"} <= set(metrics["latency_ms"])
-        assert metrics["speedup"] > 0
+        assert metrics["speedup"] > 0 and metrics["speedup_ci"][0] <= metrics["speedup"] <= metrics["speedup_ci"][1]
+        assert metrics["speedup_vs_ort_fp32_ci"][0] <= metrics["speedup_vs_ort_fp32"] <= metrics["speedup_vs_ort_fp32_ci"][1]
+    assert report["metrics"]["fp32"]["speedup_vs_ort_fp32"] == 1.0  # unpruned: the fp32 model is the ORT fp32 export
+    assert report["metrics"]["int8"]["vs_fp32"]["cosine_mean"] >= 0.99
     assert "accuracy" in report["metrics"]["reference"] and "latency_ms" in report["metrics"]["reference"]
 
     spine = ["load", "export", "simplify", "quantize", "verify"]
@@ -106,15 +116,15 @@ def test_digits_markdown_report(digits_run: tuple[CliRun, Path]) -> None:
 
 def test_failing_gate_exits_1_and_names_it(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = cli("run", DIGITS_RECIPE, "--out", out, "--set", "verify.gates.min_cosine=1.01", "--set", "verify.runs=20")
+    result = cli("run", DIGITS_RECIPE, "--out", out, "--set", "verify.gates.min_cosine=1.0", "--set", "verify.runs=20")
     assert result.exit_code == 1, result.output
     assert result.exception is None
-    assert "FAILED:" in result.stderr and "min_cosine" in result.stderr and "threshold 1.01" in result.stderr
+    assert "FAILED:" in result.stderr and "min_cosine" in result.stderr and "threshold 1.0" in result.stderr
     assert "PASSED" not in result.output
     report = json.loads((out / "report.json").read_text())  # artifacts and report are still written
     assert report["passed"] is False
     failed = [g for g in report["gates"] if not g["passed"]]
-    assert {g["name"] for g in failed} == {"min_cosine"} and failed[0]["threshold"] == 1.01
+    assert {g["name"] for g in failed} == {"min_cosine"} and failed[0]["threshold"] == 1.0
     for name in ARTIFACTS:
         assert (out / name).is_file(), name
 
@@ -194,10 +204,10 @@ def test_existing_run_folder_needs_force(cli: Cli, tmp_path: Path, tiny: TinyMod
     again = cli("run", recipe, "--out", out)
     assert_user_error(again, str(out), "--force")
     assert (out / "report.json").stat().st_mtime_ns == before
-    (out / "stale.txt").write_text("from an older run")
+    (out / "notes.txt").write_text("the user's own file")
     forced = cli("run", recipe, "--out", out, "--force")
     assert forced.exit_code == 0, forced.output
-    assert (out / "model.int8.onnx").is_file() and not (out / "stale.txt").exists()
+    assert (out / "model.int8.onnx").is_file() and (out / "notes.txt").read_text() == "the user's own file"
 
 
 def test_force_refuses_a_folder_that_is_not_a_run_folder(cli: Cli, tmp_path: Path, tiny: TinyModel) -> None:
@@ -350,7 +360,7 @@ def test_verify_command_fp32_against_int8(cli: Cli, tmp_path: Path, digits_run: 
     report = tmp_path / "verify.json"
     result = cli("verify", run / "model.onnx", run / "model.int8.onnx", "--data", DIGITS / "val.npz", "--task",
                  "classification", "--gate", "min_cosine=0.99", "--gate", "max_accuracy_drop=0.01", "--runs", "5",
-                 "--json", report)
+                 "--json", report, "--no-default-gates")
     assert result.exit_code == 0, result.output
     assert "PASSED" in result.stdout and "model.int8" in result.stdout
     data = json.loads(report.read_text())
@@ -370,11 +380,12 @@ def test_verify_command_damaged_candidate_exits_1(cli: Cli, tmp_path: Path, digi
                  "--runs", "5", "--json", report)
     assert result.exit_code == 1, result.output
     assert result.exception is None
-    assert "FAILED: 1 gate(s) failed: min_cosine on damaged" in result.stderr
+    assert "FAILED: 2 gate(s) failed: min_cosine on damaged" in result.stderr
     data = json.loads(report.read_text())
     assert data["passed"] is False
-    (failed,) = [g for g in data["gates"] if not g["passed"]]
-    assert failed["name"] == "min_cosine" and failed["value"] < 0.99
+    failed = {g["name"]: g for g in data["gates"] if not g["passed"]}
+    assert set(failed) == {"min_cosine", "within_tolerance"} and failed["min_cosine"]["value"] < 0.99
+    assert failed["within_tolerance"]["default"] and not failed["min_cosine"]["default"]
 
 
 def test_verify_command_without_data_uses_random_inputs(cli: Cli, tiny: TinyModel, tmp_path: Path) -> None:

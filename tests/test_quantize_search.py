@@ -124,6 +124,7 @@ mode = "static"
 [verify]
 runs = 2
 memory = false
+default_gates = false  # a tiny model: its int8 need not be faster, this test is about the data
 ''')
     result = invoke("run", recipe, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output

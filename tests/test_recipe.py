@@ -149,6 +149,32 @@ def test_bad_value_of_a_union_typed_key_names_the_key_in_its_table(tmp_path: Pat
     assert "[quantize] reduce_range" in error.message
 
 
+def test_every_gate_and_timing_option_is_finite_and_in_its_range(tmp_path: Path) -> None:
+    from deploytool.recipe import GatesConfig, VerifyConfig
+
+    path = write(tmp_path, FULL)
+    for table, model in (("verify.gates", GatesConfig), ("verify", VerifyConfig)):
+        floats = [k for k, f in model.model_fields.items() if float in getattr(f.annotation, "__args__", (f.annotation,))]
+        assert floats, table
+        for key in floats:  # inf would never end a timing loop; nan compares false with every threshold
+            for bad in ("inf", "-inf", "nan"):
+                error = error_of(path, [f"{table}.{key}={bad}"])
+                assert f"[{table}] {key}" in error.message, (key, bad, error.message)
+    for key, (low, high) in {"min_cosine": (-1.0, 1.0), "min_top1_agreement": (0.0, 1.0), "max_accuracy_drop": (0.0, 1.0)}.items():
+        for bad in (low - 0.5, high + 0.5):
+            assert f"[verify.gates] {key}" in error_of(path, [f"verify.gates.{key}={bad}"]).message
+        for good in (low, high):
+            assert getattr(load_recipe(path, [f"verify.gates.{key}={good}"]).verify.gates, key) == good  # type: ignore[union-attr]
+    for key in ("min_speedup", "max_size_ratio", "min_speedup_vs_fp32"):
+        assert f"[verify.gates] {key}" in error_of(path, [f"verify.gates.{key}=0"]).message
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeff".encode() + tomli_w.dumps(FULL).encode())
+    assert load_recipe(path).name == "full"
+
+
 def test_missing_required_table_and_key(tmp_path: Path) -> None:
     error = error_of(write(tmp_path, {"name": "x"}))
     assert "missing key 'model' in the top level" in error.message
@@ -219,8 +245,8 @@ def test_override_through_a_value_is_a_user_error() -> None:
 
 def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, FULL)
-    recipe = load_recipe(path, ["verify.gates.min_cosine=1.01", "quantize.mode=dynamic", "export.opset=17", "verify.runs=7"])
-    assert recipe.verify is not None and recipe.verify.gates.min_cosine == 1.01 and recipe.verify.runs == 7
+    recipe = load_recipe(path, ["verify.gates.min_cosine=0.995", "quantize.mode=dynamic", "export.opset=17", "verify.runs=7"])
+    assert recipe.verify is not None and recipe.verify.gates.min_cosine == 0.995 and recipe.verify.runs == 7
     assert recipe.quantize is not None and recipe.quantize.mode == "dynamic"
     assert recipe.export.opset == 17
     # an override may add a table the file does not have

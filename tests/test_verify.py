@@ -61,7 +61,8 @@ def test_identical_candidate(tmp_path: Path, tiny: TinyModel, val: Dataset) -> N
     assert set(metrics["latency_ms"]) >= {"p50", "p90", "p99"}  # type: ignore[arg-type]
     assert metrics["speedup"] > 0 and result.metrics["reference"]["speedup"] == 1.0  # type: ignore[operator]
     assert "top1_agreement" not in metrics  # generic task: no classification metrics
-    assert [(g.name, g.passed) for g in result.gates] == [("outputs_valid", True), ("min_cosine", True)]
+    assert [(g.name, g.passed, g.default) for g in result.gates] == [
+        ("outputs_valid", True, False), ("min_cosine", True, False), ("within_tolerance", True, True)]
     assert result.passed and result.failed == []
 
 
@@ -76,9 +77,10 @@ def test_torch_reference_with_labels_and_accuracy_gates(tiny: TinyModel, val: Da
     assert fp32["accuracy"] == pytest.approx(ref["accuracy"], abs=0.01)
     assert fp32["top1_agreement"] >= 0.99 and fp32["size_ratio"] == 0.8  # type: ignore[operator]
     gates = {g.name: g for g in result.gates}
-    assert set(gates) == {"outputs_valid", "max_accuracy_drop", "min_top1_agreement", "min_cosine"}
+    assert set(gates) == {"outputs_valid", "max_accuracy_drop", "min_top1_agreement", "min_cosine", "within_tolerance"}
     assert all(g.passed and g.model == "fp32" for g in gates.values())
-    assert set(gates["min_cosine"].as_dict()) == {"name", "model", "value", "threshold", "passed"}
+    assert set(gates["min_cosine"].as_dict()) == {"name", "model", "value", "threshold", "passed", "default"}
+    assert gates["within_tolerance"].default and not gates["min_cosine"].default
 
 
 def test_damaged_candidate_fails_min_cosine(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
@@ -87,8 +89,9 @@ def test_damaged_candidate_fails_min_cosine(tmp_path: Path, tiny: TinyModel, val
     result = verify_models(OrtRunner("reference", tiny.onnx), [OrtRunner("damaged", damaged)], val.head(200), "generic",
                            config(min_cosine=0.99))
     assert not result.passed
-    (failed,) = result.failed
-    assert failed.name == "min_cosine" and failed.model == "damaged"
+    failed = next(g for g in result.failed if g.name == "min_cosine")
+    assert {g.name for g in result.failed} == {"min_cosine", "within_tolerance"}  # the second a default gate
+    assert failed.model == "damaged"
     assert failed.value is not None and failed.value < 0.99 and failed.threshold == 0.99
 
 
@@ -110,7 +113,7 @@ def test_nan_in_the_candidate_fails(tmp_path: Path, val: Dataset) -> None:
     result = verify_models(reference, [candidate], val.head(20), "generic", config())
     assert result.metrics["nan"]["outputs_valid"] is False
     assert result.metrics["nan"]["outputs"]["logits"]["nonfinite"] == 200  # type: ignore[index]
-    assert [g.name for g in result.failed] == ["outputs_valid"]
+    assert [g.name for g in result.failed] == ["outputs_valid", "within_tolerance"]
 
 
 def test_speed_and_size_gates(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
@@ -173,3 +176,64 @@ def test_unwritable_output_folder_is_a_user_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot write to run folder" in result.output and "Traceback" not in result.output
     result = invoke("run", DIGITS_RECIPE, "--out", "/proc/deploytool-run")
     assert result.exit_code == 2 and "/proc/deploytool-run" in result.output
+
+
+def test_scaled_outputs_pass_cosine_but_fail_the_default_scale_sensitive_gates(tmp_path: Path, val: Dataset) -> None:
+    from deploytool.stages.verify import Candidate
+
+    reference = OrtRunner("reference", linear_model(tmp_path / "ref.onnx", 10))
+    model = onnx.load(str(tmp_path / "ref.onnx"))
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(10), weight.name))
+    onnx.save(model, str(tmp_path / "scaled.onnx"))
+    float_copy = OrtRunner("scaled", tmp_path / "scaled.onnx")
+    as_int8 = Candidate("as_int8", OrtRunner("as_int8", tmp_path / "scaled.onnx"), "quantized")
+    result = verify_models(reference, [float_copy, as_int8], val.head(50), "generic", config(min_cosine=0.99))
+    gates = {(g.model, g.name): g for g in result.gates}
+    assert gates[("scaled", "min_cosine")].passed and gates[("as_int8", "min_cosine")].passed  # cosine is blind to scale
+    assert not gates[("scaled", "within_tolerance")].passed and gates[("scaled", "within_tolerance")].default
+    assert not gates[("as_int8", "min_snr_db")].passed and gates[("as_int8", "min_snr_db")].default
+    assert ("as_int8", "within_tolerance") not in gates
+
+
+def test_no_default_gates_and_user_tolerance_replace_the_defaults(tmp_path: Path, val: Dataset) -> None:
+    reference = OrtRunner("reference", linear_model(tmp_path / "ref.onnx", 10))
+    candidate = OrtRunner("copy", linear_model(tmp_path / "copy.onnx", 10))
+    names = lambda cfg: [g.name for g in verify_models(reference, [candidate], val.head(20), "generic", cfg).gates]  # noqa: E731
+    off = VerifyConfig(threads=1, warmup=1, runs=5, default_gates=False)
+    assert names(off) == ["outputs_valid"]
+    result = verify_models(reference, [candidate], val.head(20), "generic", config(atol=0.5))
+    gate = next(g for g in result.gates if g.name == "within_tolerance")
+    assert not gate.default and result.metrics["copy"]["outputs"]["logits"]["atol"] == 0.5  # type: ignore[index]
+
+
+def test_localisation_in_groups_gives_the_same_rows_with_bounded_memory(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
+    from deploytool.localize import localize
+
+    damaged = tmp_path / "damaged.onnx"
+    damage(tiny.onnx, damaged)
+    feeds = next(val.batches(8))
+    whole = localize(tiny.onnx, damaged, feeds)
+    grouped = localize(tiny.onnx, damaged, feeds, budget_bytes=1)  # every tensor in a group of its own
+    assert whole["groups"] == 1 and grouped["groups"] == len(grouped["tensors"]) > 1
+    assert grouped["tensors"] == whole["tensors"] and grouped["first"] == whole["first"]
+
+
+def test_nan_in_localisation_still_gives_full_metrics_and_reports(tmp_path: Path, val: Dataset) -> None:
+    from deploytool.stages.report import write_reports
+    from deploytool.stages.verify import CandidateFile, verify_and_explain
+
+    ref_path, nan_path = linear_model(tmp_path / "ok.onnx", 10), linear_model(tmp_path / "nan.onnx", 10, bias=float("nan"))
+    fragment = verify_and_explain(OrtRunner("reference", ref_path), [CandidateFile("nan", nan_path)], val.head(20),
+                                  "generic", config(), localize_pairs=[("nan", ref_path, nan_path)], always_localize=True)
+    rows = fragment["localization"]["nan"]["tensors"]  # type: ignore[index]
+    assert any(r["cosine_mean"] != r["cosine_mean"] for r in rows)  # NaN cosines reached the report
+    report = {"name": "nan", "passed": fragment["passed"], "gates": fragment["gates"], "models": {}, "stages": [],
+              "metrics": fragment["metrics"], "environment": {}, **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
+    write_reports(report, tmp_path)
+    import json
+
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["metrics"]["nan"]["outputs_valid"] is False and written["gates"]
+    assert "Verdict: FAILED" in (tmp_path / "report.html").read_text()
+    assert "nan" in (tmp_path / "report.md").read_text()

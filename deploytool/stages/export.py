@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
 from deploytool.errors import StageError, first_line
-from deploytool.logs import quiet
+from deploytool.logs import captured, quiet
 from deploytool.recipe import ExportConfig, InputSpec
 from deploytool.runners import OrtRunner, TorchRunner
 
@@ -60,7 +61,8 @@ def _export_once(
 
     with tempfile.TemporaryDirectory(prefix="deploytool-export-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings(), quiet("torch.onnx"):
+        # torch logs (and prints, also from C++) its own view of a failure; it belongs in run.log, not the terminal
+        with warnings.catch_warnings(), captured(log), quiet("torch.onnx"):
             warnings.simplefilter("ignore")
             kwargs = {"dynamo": dynamo, "external_data": False, "verbose": False} if dynamo else {"dynamo": False}
             torch.onnx.export(
@@ -117,11 +119,11 @@ def export_onnx(
             proto = _export_once(model, args, specs, outputs, cfg, dynamo=exporter == "dynamo")
             break
         except Exception as exc:
-            reason = first_line(exc)
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # torch colours some of its messages
             log.debug("%s exporter failed", exporter, exc_info=True)
             if exporter != attempts[-1]:
                 notes.append(f"the dynamo exporter failed ({reason[:200]}); fell back to the TorchScript exporter")
-                log.warning(notes[-1])
+                log.info(notes[-1])  # a note of the record: printed by the command, kept in the report
                 continue
             raise StageError("export", f"torch.onnx.export ({exporter}) failed: {reason[:300]}") from exc
     assert proto is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import io
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,13 +17,16 @@ if TYPE_CHECKING:
     import torch
 
 
-def resolve_factory(spec: str, base_dir: Path) -> Callable[[], Any]:
-    """'pkg.module:fn' (imported; the recipe folder and cwd are searched) or 'path/file.py:fn'."""
+def resolve_factory(spec: str, base_dir: Path, what: str = "model factory") -> Callable[[], Any]:
+    """'pkg.module:fn' (imported; the recipe folder and cwd are searched) or 'path/file.py:fn'.
+
+    `what` names the callable in messages (a model factory, a data callable)."""
     target, _, attr = spec.rpartition(":")
+    path = None
     if target.endswith(".py"):
         path = Path(target) if Path(target).is_absolute() else (base_dir / target).resolve()
         if not path.is_file():
-            raise UserError(f"model factory file not found: {path}")
+            raise UserError(f"{what} file not found: {path}")
         # a stable name: it ends up in exported graphs' metadata, which must not change between runs
         module_name = f"deploytool_user_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -41,13 +45,71 @@ def resolve_factory(spec: str, base_dir: Path) -> Callable[[], Any]:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise UserError(
-                f"cannot import model factory module '{target}': {exc}",
+                f"cannot import {what} module '{target}': {exc}",
                 "run from the folder that holds the package, or use path/to/file.py:callable",
             ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise UserError(f"model factory '{spec}': '{attr}' is not a callable in {module.__name__}")
+        where = str(path) if path is not None else f"module '{target}'"
+        defined = sorted(name for name, value in vars(module).items()
+                         if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__)
+        hint = f"{where} defines: {', '.join(defined)}" if defined else f"{where} defines no callables"
+        raise UserError(f"{what} '{spec}': '{attr}' is not a callable in {where}", hint)
     return factory
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The 'module.name' globals that a checkpoint's pickle refers to, read without unpickling anything.
+
+    None when the file is neither a torch.save archive nor a pickle (random bytes, a truncated
+    archive, another format): such a file is corrupt, not unsafe."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                if not pickles:
+                    return None
+                streams = [io.BytesIO(archive.read(pickles[0]))]
+                count = 1
+        else:
+            streams = [path.open("rb")]
+            count = 4  # the legacy torch.save format: magic number, protocol, system info, then the objects
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    found: list[str] = []
+    with streams[0] as stream:
+        if stream.read(1) != b"\x80":  # every pickle since protocol 2 (all torch.save files) starts with PROTO
+            return None
+        stream.seek(0)
+        for index in range(count):
+            strings: list[str] = []
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except (ValueError, EOFError, UnicodeDecodeError, OverflowError):
+                if index == 0:
+                    return None  # not even one whole pickle
+                break
+    return list(dict.fromkeys(found))
+
+
+def _unsafe_globals(names: list[str]) -> list[str]:
+    """The globals that torch's weights-only loader refuses."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # another torch version: a rougher rule
+        return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict", "builtins.", "_codecs."))]
+    return [n for n in names if n not in allowed and n.replace("__builtin__.", "builtins.", 1) not in allowed]
 
 
 def read_state_dict(path: Path, trust: bool = False) -> Mapping[str, torch.Tensor]:
@@ -68,21 +130,29 @@ def read_state_dict(path: Path, trust: bool = False) -> Mapping[str, torch.Tenso
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+            raise UserError(f"cannot read checkpoint {path}: not a valid .safetensors file ({first_line(exc)})",
+                            "it may be truncated or corrupt") from None
+    corrupt_hint = "a checkpoint is a state_dict written by torch.save, or a .safetensors file; this one may be truncated or corrupt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # unpickling errors come in many types
-        reason = first_line(exc)
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        found = _pickled_globals(path)
+        if found is None:  # random bytes, a cut-off archive, another format: corrupt, not unsafe
+            raise UserError(f"cannot read checkpoint {path}: it is not a valid PyTorch checkpoint "
+                            "(neither a torch.save archive nor a pickle)", corrupt_hint) from None
+        unsafe = _unsafe_globals(found)
+        if not trust and unsafe:  # a real pickle that refers to objects the safe loader refuses
+            shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
             raise UserError(
-                f"checkpoint {path} holds more than tensors (pickled objects); refusing to unpickle it",
+                f"checkpoint {path} holds more than tensors (pickled objects: {shown}); refusing to unpickle it",
                 "save model.state_dict() instead or convert it to .safetensors; only if you trust the file, "
                 "set [model] trust_checkpoint = true or pass --trust-checkpoint (unpickling can run code from it)",
             ) from None
-        raise UserError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {reason}",
-            "is it a state_dict written by torch.save, or a .safetensors file? it may be truncated or corrupt",
-        ) from None
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+        if "Weights only load failed" in reason:  # torch's own text goes on to suggest weights_only=False
+            raise UserError(f"cannot read checkpoint {path}: it is a pickle that torch's weights-only loader cannot read",
+                            "re-save the weights with torch.save(model.state_dict(), path), or as .safetensors") from None
+        raise UserError(f"cannot read checkpoint {path}: {reason}", corrupt_hint) from None
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     for key in ("state_dict", "model_state_dict", "model"):

@@ -229,12 +229,14 @@ class _Judge:
         return result
 
     def latency(self, paths: dict[str, Path], runs: int = 60) -> dict[str, float]:
-        """p50 ms of each model, interleaved, at batch 1."""
-        from deploytool.runners import OrtRunner, measure_latency
+        """Latency (ms, median of block means) of each model at batch 1, by the shared block method."""
+        from deploytool.latency import TimingPlan, measure
+        from deploytool.runners import OrtRunner
 
         feeds = next(self.evaluation.batches(self.fixed or 1, pad=self.fixed is not None))
         runners = [OrtRunner(name, path, self.threads) for name, path in paths.items()]
-        return {name: lat.percentile(50) for name, lat in measure_latency(runners, feeds, 5, runs).items()}
+        measurement = measure(runners, feeds, TimingPlan.for_calls(runs, block=10, warmup=5), control=False)
+        return {name: timed.center_ms for name, timed in measurement.timed.items()}
 
 
 def _compute_nodes(path: Path, op_types: list[str] | None) -> list[tuple[str, str]]:

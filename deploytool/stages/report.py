@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import platform
 import sys
@@ -13,15 +14,22 @@ from typing import Any
 from deploytool.artifacts import write_text
 from deploytool.hardware import cpu_info
 
+log = logging.getLogger("deploytool.report")
+
 
 def json_safe(value: Any) -> Any:
-    """JSON has no Infinity/NaN: such floats become null (e.g. the SNR of identical outputs)."""
+    """JSON has no Infinity/NaN: such floats become null (e.g. the SNR of identical outputs); numpy scalars
+    become Python numbers, tuples lists, paths strings."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():  # a numpy scalar
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 
@@ -33,49 +41,84 @@ def environment(threads: int | None) -> dict[str, Any]:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: None is '-', NaN and infinities are spelled out, numbers get `digits` decimals."""
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
         return f"{value:.{digits}f}"
     return str(value)
 
 
+def _get(mapping: Any, *keys: str) -> Any:
+    """mapping[k1][k2]... or None where any level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _ratio(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)):
+        return "-"
+    interval = metrics.get(f"{key}_ci")
+    text = _fmt(float(value), 2) + "x"
+    if isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval):
+        text += f" [{_fmt(float(interval[0]), 2)}, {_fmt(float(interval[1]), 2)}]"
+    return text
+
+
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per model: the table shown on the terminal and in the Markdown/HTML reports."""
-    header = ["model", "size (KB)", "accuracy", "top-1 agree", "cosine mean", "max abs err", "p50 ms", "p90 ms", "speedup"]
+    header = ["model", "size (KB)", "accuracy", "top-1 agree", "cosine mean", "max abs err", "p50 ms", "p90 ms", "speedup",
+              "vs ORT fp32"]
     rows = []
-    for name, metrics in report["metrics"].items():
-        model = report["models"].get(name, {})
-        latency = metrics.get("latency_ms", {})
+    for name, metrics in (report.get("metrics") or {}).items():
+        metrics = metrics if isinstance(metrics, dict) else {}
+        model = _get(report, "models", name) or {}
+        size = model.get("size_bytes") if isinstance(model, dict) else None
         rows.append(
             [
-                name,
-                _fmt(model["size_bytes"] / 1024, 1) if "size_bytes" in model else "-",
+                str(name),
+                _fmt(size / 1024, 1) if isinstance(size, (int, float)) else "-",
                 _fmt(metrics.get("accuracy")),
                 _fmt(metrics.get("top1_agreement")),
                 _fmt(metrics.get("cosine_mean"), 5),
                 _fmt(metrics.get("max_abs_error"), 5),
-                _fmt(latency.get("p50"), 3),
-                _fmt(latency.get("p90"), 3),
-                _fmt(metrics.get("speedup"), 2) + ("x" if "speedup" in metrics else ""),
+                _fmt(_get(metrics, "latency_ms", "p50"), 3),
+                _fmt(_get(metrics, "latency_ms", "p90"), 3),
+                _ratio(metrics, "speedup"),
+                _ratio(metrics, "speedup_vs_ort_fp32"),
             ]
         )
     return header, rows
 
 
 def gate_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["gate", "model", "value", "threshold", "verdict"]
-    rows = [
-        [g["name"], g["model"], _fmt(g["value"], 5), _fmt(g["threshold"], 5), "pass" if g["passed"] else "FAIL"]
-        for g in report["gates"]
-    ]
+    header = ["gate", "model", "value", "threshold", "verdict", "how"]
+    rows = []
+    for g in report.get("gates") or []:
+        how = ["default" if g.get("default") else "set"]
+        if g.get("against"):
+            how.append(f"against {g['against']}")
+        interval = g.get("interval")
+        if isinstance(interval, list) and len(interval) == 2:
+            how.append(f"interval [{_fmt(interval[0], 3)}, {_fmt(interval[1], 3)}]")
+        rows.append([str(g.get("name")), str(g.get("model")), _fmt(g.get("value"), 5), _fmt(g.get("threshold"), 5),
+                     "pass" if g.get("passed") else "FAIL", ", ".join(how)])
     return header, rows
 
 
 def _stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    return ["stage", "status", "seconds"], [[s["name"], s["status"], f"{s['seconds']:.2f}"] for s in report["stages"]]
+    return ["stage", "status", "seconds"], [[str(s.get("name")), str(s.get("status")), _fmt(s.get("seconds"), 2)]
+                                            for s in report.get("stages") or []]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -119,46 +162,74 @@ def _distill_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _localization_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
-    for model, where in report["localization"].items():
+    for model, where in (report.get("localization") or {}).items():
         for label in ("first", "worst"):
-            spot = where.get(label)
-            if spot:
-                rows.append([model, label, spot["tensor"], spot["node"], spot["op"], _fmt(spot["cosine_mean"], 5)])
+            spot = where.get(label) if isinstance(where, dict) else None
+            if isinstance(spot, dict):
+                rows.append([str(model), label, str(spot.get("tensor")), str(spot.get("node")), str(spot.get("op")),
+                             _fmt(spot.get("cosine_mean"), 5)])
     return ["model", "tensor", "name", "node", "op", "cosine"], rows
 
 
+def _guarded(title: str, build: Any, report: dict[str, Any]) -> tuple[str, tuple[list[str], list[list[str]]]]:
+    """A section, or a one-row note when its data is malformed: a report always renders."""
+    try:
+        return title, build(report)
+    except Exception as exc:  # a damaged section must not take the rest of the report with it
+        log.warning("report section %s could not be rendered: %s", title, exc)
+        return title, (["note"], [[f"this section could not be rendered: {type(exc).__name__}: {exc}"]])
+
+
 def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
-    sections = [("Models", summary_rows(report)), ("Gates", gate_rows(report)), ("Stages", _stage_rows(report))]
+    sections = [_guarded("Models", summary_rows, report), _guarded("Gates", gate_rows, report),
+                _guarded("Stages", _stage_rows, report)]
     if report.get("prune"):
-        sections.append(("Pruning", _prune_rows(report)))
-        if report["prune"].get("sensitivity"):
-            sections.append(("Layer sensitivity (score with only that layer pruned)", sensitivity_rows(report["prune"]["sensitivity"])))
+        sections.append(_guarded("Pruning", _prune_rows, report))
+        if _get(report, "prune", "sensitivity"):
+            sections.append(_guarded("Layer sensitivity (score with only that layer pruned)",
+                                     lambda r: sensitivity_rows(r["prune"]["sensitivity"]), report))
     if report.get("distill"):
-        sections.append(("Distillation", _distill_rows(report)))
-    if any(w.get("first") or w.get("worst") for w in report.get("localization", {}).values()):
-        sections.append(("Where outputs diverge", _localization_rows(report)))
+        sections.append(_guarded("Distillation", _distill_rows, report))
+    if any(isinstance(w, dict) and (w.get("first") or w.get("worst")) for w in (report.get("localization") or {}).values()):
+        sections.append(_guarded("Where outputs diverge", _localization_rows, report))
     return sections
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    cpu = report["environment"]["cpu"]
-    parts = [
-        f"# deploytool report: {report['name']}",
-        f"**Verdict: {verdict}**",
-        "Speedup is the reference (PyTorch) p50 latency divided by the model's p50; "
-        f"latency measured at batch {report.get('latency_batch', 1)} with {report['environment']['threads']} thread(s), "
-        "models interleaved.",
+def _latency_line(report: dict[str, Any]) -> str:
+    latency = report.get("latency") if isinstance(report.get("latency"), dict) else {}
+    threads = _get(report, "environment", "threads")
+    text = (f"Latency at batch {report.get('latency_batch', 1)} with {threads} thread(s): blocks of "
+            f"{latency.get('block', '?')} calls per model, block order shuffled each round ({latency.get('rounds', '?')} rounds), "
+            "ONNX Runtime spin-waiting off; a model's latency is the median of its block means. "
+            "Speedup is the reference's latency over the model's (vs ORT fp32: over the original's plain ONNX Runtime "
+            "fp32 export), with its bootstrap confidence interval.")
+    aa = latency.get("aa")
+    if isinstance(aa, dict):
+        interval = aa.get("ci") or [None, None]
+        text += (f" A/A control ({aa.get('model')} against itself): {_fmt(aa.get('value'), 3)}x "
+                 f"[{_fmt(interval[0], 3)}, {_fmt(interval[1], 3)}], noise floor {_fmt(aa.get('noise'), 3)}.")
+    return text
+
+
+def _environment_lines(report: dict[str, Any]) -> list[str]:
+    cpu = _get(report, "environment", "cpu") or {}
+    versions = _get(report, "environment", "versions") or {}
+    isa = cpu.get("isa") or []
+    return [
+        f"CPU: {cpu.get('model')} ({cpu.get('machine')}, {cpu.get('cores')} cores; ISA: {', '.join(map(str, isa)) or 'none detected'})",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    verdict = "PASSED" if report.get("passed") else "FAILED"
+    parts = [f"# deploytool report: {report.get('name')}", f"**Verdict: {verdict}**", _latency_line(report)]
     for title, (header, rows) in _sections(report):
         parts += [f"## {title}", _markdown_table(header, rows)]
     if report.get("notes"):
         parts += ["## Notes", "\n".join(f"- {n}" for n in report["notes"])]
-    parts += [
-        "## Environment",
-        f"CPU: {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores; ISA: {', '.join(cpu['isa']) or 'none detected'})  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["environment"]["versions"].items()),
-    ]
+    env = _environment_lines(report)
+    parts += ["## Environment", env[0] + "  ", env[1]]
     return "\n\n".join(parts) + "\n"
 
 
@@ -172,29 +243,52 @@ _CSS = (
 def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     from deploytool.plots import latency_plot, layer_error_plot, models_plot
 
-    plots = [("Size, quality and latency", models_plot(report)), ("Latency", latency_plot(report.get("latency_samples_ms", {})))]
-    for model, where in report.get("localization", {}).items():
+    wanted: list[tuple[str, Any]] = [("Size, quality and latency", lambda: models_plot(report)),
+                                     ("Latency", lambda: latency_plot(report.get("latency_samples_ms") or {}))]
+    for model, where in (report.get("localization") or {}).items():
+        if not isinstance(where, dict):
+            continue
         title = f"Per-layer error of {model} (1 - cosine to the model it was made from, in graph order)"
-        plots.append((title, layer_error_plot(where.get("tensors", []), where.get("first"), f"{model}: 1 - cosine per tensor")))
-    return [(title, uri) for title, uri in plots if uri]
+        wanted.append((title, lambda w=where, m=model: layer_error_plot(w.get("tensors") or [], w.get("first"),
+                                                                         f"{m}: 1 - cosine per tensor")))
+    plots = []
+    for title, draw in wanted:
+        try:
+            uri = draw()
+        except Exception as exc:  # a plot is an extra: the report renders without it
+            log.warning("plot %r could not be drawn: %s", title, exc)
+            continue
+        if uri:
+            plots.append((title, uri))
+    return plots
 
 
 def render_html(report: dict[str, Any]) -> str:
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    body = [f"<h1>deploytool report: {html.escape(report['name'])}</h1>"]
-    body.append(f'<p class="verdict-{"pass" if report["passed"] else "fail"}"><strong>Verdict: {verdict}</strong></p>')
+    passed = bool(report.get("passed"))
+    name = html.escape(str(report.get("name")))
+    body = [f"<h1>deploytool report: {name}</h1>"]
+    body.append(f'<p class="verdict-{"pass" if passed else "fail"}"><strong>Verdict: {"PASSED" if passed else "FAILED"}</strong></p>')
+    body.append(f"<p>{html.escape(_latency_line(report))}</p>")
     for title, (header, rows) in _sections(report):
-        body += [f"<h2>{title}</h2>", _html_table(header, rows)]
+        body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
     for title, uri in _plots(report) if report.get("metrics") else []:
         body.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="{uri}">')
     if report.get("notes"):
-        body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in report["notes"]), "</ul>"]
-    cpu = report["environment"]["cpu"]
-    body.append(f"<h2>Environment</h2><p>{html.escape(str(cpu['model']))}; ISA: {html.escape(', '.join(cpu['isa']))}</p>")
-    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(report['name'])}</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+        body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(str(n))}</li>" for n in report["notes"]), "</ul>"]
+    body.append("<h2>Environment</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in _environment_lines(report)))
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{name}</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> None:
-    write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
-    write_text(out_dir / "report.md", render_markdown(report))
-    write_text(out_dir / "report.html", render_html(report))
+    """report.json first and whole (NaN/Inf as null), then report.md and report.html; a renderer that fails
+    leaves a short page saying so instead of taking report.json or the run with it."""
+    report = json_safe(report)
+    write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    for filename, render in (("report.md", render_markdown), ("report.html", render_html)):
+        try:
+            text = render(report)
+        except Exception as exc:
+            log.exception("rendering %s failed", filename)
+            message = f"the {filename} renderer failed ({type(exc).__name__}: {exc}); report.json holds every result"
+            text = message + "\n" if filename.endswith(".md") else f"<!doctype html><p>{html.escape(message)}</p>\n"
+        write_text(out_dir / filename, text)

@@ -1,0 +1,88 @@
+"""The one latency method: blocks in shuffled order, an A/A control, intervals that decide speed gates."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TinyModel
+
+from deploytool.data import Dataset
+from deploytool.latency import Ratio, Timer, TimingPlan, measure
+from deploytool.runners import OrtRunner, TorchRunner
+from deploytool.stages.load import load_model
+
+
+def test_ratio_decides_only_outside_its_interval() -> None:
+    assert Ratio(1.5, 1.4, 1.6).decide(1.0) is True
+    assert Ratio(0.8, 0.7, 0.9).decide(1.0) is False
+    assert Ratio(1.02, 0.97, 1.07).decide(1.0) is None  # within noise: neither pass nor fail yet
+    assert Ratio(1.0, 1.0, 1.0).decide(1.0) is True
+
+
+def test_plan_for_calls_has_enough_rounds_for_an_interval() -> None:
+    plan = TimingPlan.for_calls(100, block=10)
+    assert plan.rounds == 10 and plan.block == 10 and plan.max_rounds == 40
+    small = TimingPlan.for_calls(3, block=10)
+    assert small.block == 3 and small.rounds == 5
+
+
+def test_aa_control_of_a_model_against_its_copy(tmp_path: Path, tiny: TinyModel, val: Dataset) -> None:
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(tiny.onnx, copy)
+    feeds = next(val.batches(1))
+    plan = TimingPlan.for_calls(300, block=20, warmup=20)
+    measurement = measure([OrtRunner("model", tiny.onnx, 1), OrtRunner("copy", copy, 1)], feeds, plan)
+    assert set(measurement.timed) == {"model", "copy", "model (A/A copy)"}
+    assert all(len(t.blocks_ms) == plan.rounds and len(t.samples_ms) == plan.rounds * plan.block
+               for t in measurement.timed.values())
+    ratio = measurement.speedup("model", "copy")
+    assert ratio.low <= ratio.value <= ratio.high
+    assert 0.75 < ratio.value < 1.33  # a byte-identical copy is neither faster nor slower (generous band: shared CI)
+    aa = measurement.aa
+    assert aa is not None and 0.75 < aa.value < 1.33 and measurement.noise is not None
+    described = measurement.describe(1)
+    assert described["method"] == "blocks" and described["spinning"] is False
+    assert described["aa"]["model"] == "model"  # type: ignore[index]
+
+
+def test_pytorch_and_onnx_runtime_in_their_own_blocks(tiny: TinyModel, val: Dataset) -> None:
+    model = load_model(tiny.factory, tiny.checkpoint, tiny.folder)
+    torch_runner = TorchRunner("torch", model, ["image"], ["logits"])
+    feeds = next(val.batches(1))
+    timer = Timer([torch_runner, OrtRunner("ort", tiny.onnx, 1)], feeds, TimingPlan(rounds=6, block=5, warmup=2))
+    measurement = timer.run()
+    assert measurement.rounds == 6
+    # every block holds calls of one runner only, so a block's mean is that runner's alone
+    for timed in measurement.timed.values():
+        assert np.allclose(timed.blocks_ms, np.asarray(timed.samples_ms).reshape(6, 5).mean(axis=1))
+    more = timer.run(rounds=4)
+    assert more.rounds == 10 and len(more.timed["ort"].blocks_ms) == 10
+
+
+def test_extending_stops_at_the_plans_bounds(tiny: TinyModel, val: Dataset) -> None:
+    feeds = next(val.batches(1))
+    timer = Timer([OrtRunner("a", tiny.onnx, 1)], feeds, TimingPlan(rounds=5, block=2, warmup=1, max_rounds=8), control=False)
+    timer.run()
+    timer.run(rounds=100)
+    assert timer.rounds == 8 and timer.exhausted
+
+
+def test_session_options_turn_spinning_off(tiny: TinyModel) -> None:
+    runner = OrtRunner("a", tiny.onnx, 2)
+    assert runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    twin = runner.twin("b")
+    assert twin.session is not runner.session and twin.path == runner.path
+
+
+@pytest.mark.parametrize("resamples", [200, 2000])
+def test_bootstrap_interval_is_reproducible(resamples: int) -> None:
+    from deploytool.latency import _bootstrap_ratio
+
+    rng = np.random.default_rng(1)
+    a, b = list(1.0 + 0.05 * rng.standard_normal(30)), list(0.5 + 0.02 * rng.standard_normal(30))
+    plan = TimingPlan(resamples=resamples)
+    first, second = _bootstrap_ratio(a, b, plan), _bootstrap_ratio(a, b, plan)
+    assert first == second and 1.8 < first.value < 2.2 and first.low < first.value < first.high
