@@ -1,4 +1,7 @@
-"""How busy the machine is with other work: timings on shared cores are only as good as this."""
+"""How busy the machine is with other work: timings on shared cores are only as good as this.
+
+The benchmark waits for a quiet machine before it times anything, and reports what other processes
+took of the CPU while it timed; the timing itself is deploytool.latency's."""
 
 from __future__ import annotations
 
@@ -56,3 +59,16 @@ def others_share(seconds: float = 1.0) -> float | None:
         time.sleep(seconds)
     return load.share
 
+
+
+def wait_for_quiet(max_others: float, max_wait: float, step: float = 1.0) -> tuple[float, bool]:
+    """Wait until other processes take at most `max_others` of the machine's CPU, for at most `max_wait`
+    seconds; returns (seconds waited, whether the machine was quiet). Unknown load counts as quiet."""
+    waited = 0.0
+    while True:
+        share = others_share(step)
+        if share is None or share <= max_others:
+            return waited, True
+        waited += step
+        if waited >= max_wait:
+            return waited, False

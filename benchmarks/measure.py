@@ -1,18 +1,18 @@
-"""Measurements on the variants: output quality on the validation set and interleaved latency."""
+"""Measurements on the variants: output quality on the validation set, and latency by deploytool's own
+block method (deploytool.latency), with a look at what other processes took of the machine meanwhile."""
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.machine import other_load, others_share
+from benchmarks.machine import other_load, wait_for_quiet
 from deploytool.compare import classification_metrics, compare_arrays
 from deploytool.data import Dataset
-from deploytool.runners import Latency, OrtRunner, Runner, infer_dataset, measure_latency
+from deploytool.latency import AA_SUFFIX, Measurement, Ratio, Timed, TimingPlan, Twin, measure
+from deploytool.runners import OrtRunner, Runner, infer_dataset
 
 
 @dataclass
@@ -25,49 +25,47 @@ class Quality:
     cosine_min: float
 
 
-@dataclass
-class TimingPlan:
-    """How latency is sampled: up to `rounds` rounds of `block` timed calls per variant, within `max_seconds`.
+@dataclass(frozen=True)
+class Quiet:
+    """Before timing, wait (at most `max_wait` seconds) until other processes take at most `max_others`
+    of the machine's CPU; timing itself is deploytool.latency's, untouched."""
 
-    Rounds run in segments of about `segment_seconds`; a segment during which other processes
-    took more than `max_others` of the machine's CPU is discarded and timed again while the
-    budget lasts. While other processes are busy, timing pauses, for at most `max_wait` seconds
-    in all. With fewer than `min_rounds` quiet rounds, every round is used."""
-
-    rounds: int
-    block: int
-    block_warmup: int
-    warmup: int
-    max_seconds: float
-    max_wait: float = 0.0
-    segment_seconds: float = 1.0
     max_others: float = 0.15
-    min_rounds: int = 3
-    seed: int = 0
-
-
-@dataclass
-class _Segment:
-    samples: dict[str, list[float]]
-    rounds: int
-    others: float | None  # share of the machine's CPU other processes took meanwhile
+    max_wait: float = 45.0
 
 
 @dataclass
 class Timing:
-    """Latency per runner, and how many rounds were kept or discarded because other processes were busy."""
+    """One block-method measurement of several variants at one batch size, and the machine's state meanwhile."""
 
-    latencies: dict[str, Latency]
-    kept: int
-    dropped: int
-    others_kept: float | None  # other processes' CPU share over the kept rounds
-    filtered: bool  # False when too few quiet rounds came, and every round was used
-    waited: float = 0.0  # seconds paused while other processes were busy
+    batch: int
+    measurement: Measurement
+    others: float | None  # share of the machine's CPU other processes took while timing (None: unknown)
+    waited: float  # seconds spent waiting for a quiet machine before timing
+    quiet: bool  # False: the machine was still busy when the wait ran out
+    controls: tuple[str, ...] = ()  # A/A copies: "<name> (A/A copy)" of each variant timed twice
+
+    @property
+    def rounds(self) -> int:
+        return self.measurement.rounds
 
     @property
     def calls(self) -> int:
-        """Timed calls per runner."""
-        return min((len(v.samples_ms) for v in self.latencies.values()), default=0)
+        """Timed calls per variant."""
+        return min((len(t.samples_ms) for t in self.measurement.timed.values()), default=0)
+
+    def timed(self, name: str) -> Timed | None:
+        return self.measurement.timed.get(name)
+
+    def speedup(self, baseline: str, candidate: str) -> Ratio | None:
+        """baseline time / candidate time with its bootstrap interval; None where either was not timed."""
+        if baseline not in self.measurement or candidate not in self.measurement:
+            return None
+        return self.measurement.speedup(baseline, candidate)
+
+    def aa(self, name: str) -> Ratio | None:
+        """The A/A control of `name`: its time over its copy's (1.00 within noise)."""
+        return self.speedup(name, name + AA_SUFFIX)
 
 
 def fixed_batch(runner: Runner) -> int | None:
@@ -96,70 +94,18 @@ def quality(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     return Quality(accuracy, agreement, float(stats["cosine_mean"]), float(stats["cosine_min"]))  # type: ignore[arg-type]
 
 
-def _round(
-    runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan, index: int
-) -> dict[str, list[float]]:
-    """One round: every runner once, in a seeded random order; `block` timed calls each after `block_warmup`.
+def block_latency(runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan, batch: int,
+                  quiet: Quiet = Quiet(), controls: Sequence[str] = ()) -> Timing:
+    """Time `runners` with deploytool.latency.measure: the first one is the A/A control (timed a second
+    time, as a runner of its own); each runner named in `controls` gets an A/A copy of its own too.
 
-    A random order rather than a rotation: rotating keeps each runner behind the same predecessor,
-    and what that predecessor leaves behind (busy worker threads, evicted caches) then biases it."""
-    order = list(runners)
-    random.Random(plan.seed * 1_000_003 + index).shuffle(order)
-    samples: dict[str, list[float]] = {}
-    for runner in order:
-        samples[runner.name] = measure_latency([runner], feeds, plan.block_warmup, plan.block)[runner.name].samples_ms
-    return samples
-
-
-def _segment(
-    runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan, first: int, most: int
-) -> _Segment:
-    """Rounds `first`, `first + 1`, ... for about `segment_seconds` (at least one, at most `most`)."""
-    samples: dict[str, list[float]] = {r.name: [] for r in runners}
-    rounds = 0
+    Waits for a quiet machine first (within quiet.max_wait) and records what other processes took of
+    the CPU while timing; it neither discards nor repeats anything."""
+    if not runners:
+        raise ValueError("nothing to time")
+    extra = [Twin(r) for r in runners[1:] if r.name in controls]
+    waited, calm = wait_for_quiet(quiet.max_others, quiet.max_wait)
     with other_load() as load:
-        start = time.perf_counter()
-        while rounds < most and (rounds == 0 or time.perf_counter() - start < plan.segment_seconds):
-            for name, values in _round(runners, feeds, plan, first + rounds).items():
-                samples[name] += values
-            rounds += 1
-    return _Segment(samples, rounds, load.share)
-
-
-def interleaved_latency(runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan) -> Timing:
-    """Latency samples per runner, interleaved: each round times every runner once, in a fresh random order.
-
-    Within a round a runner gets `block_warmup` untimed calls, then `block` timed ones
-    (deploytool.runners.measure_latency on that runner alone). The untimed calls absorb
-    what the previous runner left behind: its runtime's worker threads still spin-waiting
-    for work on the same cores, and caches full of its weights. Segments during which other
-    processes were busy are timed again (see TimingPlan).
-    """
-    for runner in runners:
-        for _ in range(plan.warmup):
-            runner.infer(feeds)
-    kept: list[_Segment] = []
-    dropped: list[_Segment] = []
-    timed, waited, index, quiet_rounds, busy = 0.0, 0.0, 0, 0, True  # busy: look before the first segment
-    while quiet_rounds < plan.rounds and timed < plan.max_seconds:
-        if busy and waited < plan.max_wait:  # pause until other processes calm down, within max_wait
-            share = others_share(1.0)
-            busy = share is not None and share > plan.max_others
-            waited += 1.0 if busy else 0.0
-            continue
-        start = time.perf_counter()
-        segment = _segment(runners, feeds, plan, index, plan.rounds - quiet_rounds)
-        timed += time.perf_counter() - start
-        index += segment.rounds
-        busy = segment.others is not None and segment.others > plan.max_others
-        if busy:
-            dropped.append(segment)
-        else:
-            kept.append(segment)
-            quiet_rounds += segment.rounds
-    filtered = quiet_rounds >= min(plan.min_rounds, plan.rounds)
-    used = kept if filtered else [*kept, *dropped]
-    latencies = {r.name: Latency([v for s in used for v in s.samples[r.name]]) for r in runners}
-    weighted = [(s.others, s.rounds) for s in kept if s.others is not None]
-    others = sum(o * n for o, n in weighted) / sum(n for _, n in weighted) if weighted else None
-    return Timing(latencies, quiet_rounds, sum(s.rounds for s in dropped), others, filtered, waited)
+        measurement = measure([*runners, *extra], feeds, plan, control=True)
+    names = (runners[0].name, *(t.name.removesuffix(AA_SUFFIX) for t in extra))
+    return Timing(batch, measurement, load.share, waited, calm, names)

@@ -1,17 +1,27 @@
-"""Render a BenchResult as docs/benchmarks.md: setup, tables, and a reading computed from the numbers."""
+"""Render a BenchResult as docs/benchmarks.md: setup, tables, and a reading computed from the numbers.
+
+Every speed ratio is printed with its bootstrap confidence interval (deploytool.latency.Ratio)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks import relative
 from benchmarks.results import BenchResult, Comparison, ToolchainEntry
+from benchmarks.variants import run_rows
+from deploytool.latency import AA_SUFFIX, Ratio, Timed
 
 # latency ratios within this band of 1.0 are called "about the same"
 SAME_BAND = 0.10
-# deploytool verify's speedups further than this factor from the benchmark's are pointed out
-VERIFY_BAND = 1.25
+# deploytool's own verify speedups and this benchmark's for the same models should agree within this
+VERIFY_BAND = 0.10
+# an A/A control further than this from 1.00 makes the measurement noisy
+AA_BAND = 0.05
+# the variant every comparison's A/A control times twice, and the eager PyTorch original
+AA_VARIANT = "ort fp32"
+TORCH_REFERENCE = "pytorch fp32"
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") -> str:
@@ -31,8 +41,17 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _ci(ratio: Ratio | None) -> str:
+    """A ratio with its interval: 1.44x [1.40, 1.48]."""
+    return "-" if ratio is None else f"{ratio.value:.2f}x [{ratio.low:.2f}, {ratio.high:.2f}]"
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _signed_pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -56,72 +75,103 @@ def _header(result: BenchResult) -> list[str]:
         f"- **CPU:** {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores visible), "
         f"ISA flags: {', '.join(cpu['isa']) or 'none detected'}",
         f"- **Threads:** {result.threads} (ONNX Runtime intra-op threads via `deploytool.runners.session_options`, "
-        f"`torch.set_num_threads({result.threads})`; the recipes ran with the same torch setting)",
+        f"spin-waiting off; `torch.set_num_threads({result.threads})`; the recipes ran with the same torch setting)",
         f"- **Versions:** {versions}",
-        f"- **Runs:** batch 1: up to {lat.rounds} rounds x {lat.block} timed calls per variant within "
-        f"{lat.max_seconds:.0f} s; batch {result.batch}: up to {bat.rounds} x {bat.block} within "
-        f"{bat.max_seconds:.0f} s (per checkpoint; what each got is under its table)",
+        f"- **Latency:** deploytool's own block method (`deploytool.latency`, as in `deploytool verify`): batch 1: "
+        f"up to {lat.rounds} rounds x one block of {lat.block} timed calls per variant within {lat.max_seconds:.0f} s; "
+        f"batch {result.batch}: up to {bat.rounds} x {bat.block} within {bat.max_seconds:.0f} s (per checkpoint; "
+        "what each got is under its table). Ratios carry 95% bootstrap intervals: `1.44x [1.40, 1.48]`.",
+        "- **Also:** [calibration memory](calibration-memory.md) (`make bench-memory`) and "
+        "[verify memory](verify-memory.md) on an EfficientNet-B0-sized CNN (`make bench-verify-memory`).",
         "",
     ]
 
 
 def _method(result: BenchResult) -> list[str]:
-    lat, bat = result.latency_plan, result.batch_plan
+    lat, bat, quiet = result.latency_plan, result.batch_plan, result.quiet
+    batch = result.batch
     return [
         "- **Toolchain:** each recipe in `recipes/` runs through the library (`load_recipe` + `run_recipe`) "
         "in a fresh process, into a temporary folder. Its artifacts are the deploytool rows, its "
-        "`report.json` gives the stage times, and that process's RSS high-water mark (VmHWM) its peak memory.",
+        "`report.json` gives the stage times and its verify stage's own speedups, and that process's RSS "
+        "high-water mark (VmHWM) its peak memory.",
         "- **Baselines:** made from the same checkpoint with each library's defaults, as a user following "
         "the libraries' documentation would.",
         f"- **Inputs:** the same for every variant: the first validation sample (batch 1) and the first "
-        f"{result.batch} (throughput). Quality runs over the whole validation set.",
-        "- **Interleaving:** all variants of one checkpoint are timed in one process; each round times every "
-        "variant once, so drift in machine load hits all variants alike. The order is shuffled (seeded) every "
-        "round: a rotation would keep each variant behind the same predecessor, whose leftovers (busy worker "
-        "threads, evicted caches) then bias it.",
-        f"- **Warm-up:** every variant first gets {lat.warmup} untimed calls ({bat.warmup} at batch "
-        f"{result.batch}). In each round a variant then runs {lat.block_warmup} untimed and {lat.block} timed "
-        f"calls in a row ({bat.block_warmup} and {bat.block} at batch {result.batch}), as a model serving "
-        "requests back to back would. Timing single alternating calls instead measures a model whose caches "
-        "hold the previous variant's weights, and whose cores the previous runtime's worker threads may still "
-        "be spin-waiting on. That adds latency unevenly across variants (on a busy 2-core machine PyTorch's "
-        "OpenMP region suffers most), which is why deploytool's verify figures can differ from these.",
-        f"- **Other processes:** rounds are grouped in segments of about {lat.segment_seconds:.0f} s. A segment "
-        f"during which other processes took more than {100 * lat.max_others:.0f}% of the machine's CPU (from "
-        "/proc/stat, this process subtracted) is discarded; timing then pauses until the machine is quiet "
-        f"again (at most {lat.max_wait:.0f} s per timing) and goes on while its time budget lasts. If fewer "
-        f"than {lat.min_rounds} quiet rounds come, all rounds are used and the table says so.",
-        f"- **Figures:** latency is per call; throughput is {result.batch} / p50 of the batch-{result.batch} "
-        "call. Ratios compare medians measured in the same run: absolute times on a shared machine move "
-        "between runs, ratios much less.",
+        f"{batch} (throughput). Quality runs over the whole validation set.",
+        "- **One latency method:** `deploytool.latency`, the same code `deploytool verify`, runs and "
+        "`deploytool bench` time models with. All variants of one checkpoint are timed together in one process. "
+        f"Each first gets {lat.warmup} untimed calls ({bat.warmup} at batch {batch}); then, in every round, each "
+        f"variant runs {lat.block_warmup} untimed calls, which absorb what the previous variant left behind, and "
+        f"one block of {lat.block} timed calls ({bat.block_warmup} and {bat.block} at batch {batch}), back to back "
+        "as a model serving requests would. The order of the blocks is shuffled afresh every round (seeded): a "
+        "fixed rotation would keep each variant behind the same predecessor.",
+        "- **Spinning off:** ONNX Runtime sessions use deploytool's deploy-time options "
+        "(`deploytool.runners.session_options`), with intra-op spin-waiting off "
+        "(`session.intra_op.allow_spinning = 0`), so idle worker threads do not take the cores from the variant "
+        "timed next. Eager PyTorch runs in blocks of its own, like every other variant.",
+        "- **Estimate:** a variant's latency is the median of its block means; p90 is over single timed calls. "
+        f"Every ratio is the ratio of two such medians with a {100 * lat.confidence:.0f}% bootstrap confidence "
+        f"interval ({lat.resamples} resamples over rounds; the blocks of one round are paired, so slow drifts of "
+        "the machine cancel). Absolute times on a shared machine move between runs, ratios much less.",
+        f"- **A/A control:** `{AA_VARIANT}` is timed a second time, as a second session of the same file "
+        f"(`{AA_VARIANT}{AA_SUFFIX}`), like any other variant. Its ratio to itself must be 1.00; its distance from "
+        "1.00 is the noise floor of the measurement, and smaller differences are not resolved. At batch 1 "
+        f"`{TORCH_REFERENCE}` gets an A/A copy too (a second runner on the same module), to show the noise of "
+        "eager PyTorch; deploytool's own verify times its first ONNX model (the run's fp32) twice.",
+        f"- **Other processes:** before each timing the benchmark waits (at most {quiet.max_wait:.0f} s) until "
+        f"other processes take at most {100 * quiet.max_others:.0f}% of the machine's CPU (from /proc/stat, this "
+        "process subtracted), and it records their share while it times; that share is under each table. "
+        "Nothing is discarded or re-timed.",
+        f"- **Figures:** latency is per call; throughput is {batch} x 1000 / the batch-{batch} latency in ms.",
         "",
     ]
 
 
-def _legend(comparison: Comparison) -> str:
-    rows = [[f"`{r.name}`", r.variant.description] for r in comparison.rows]
-    return _table(["variant", "how it was made"], rows, "ll")
+# --- speed, quality, toolchain tables ------------------------------------------------------------
 
 
-def _speed_table(comparison: Comparison, batch: int) -> str:
-    ref = comparison.reference
-    ort = comparison.row("ort fp32")
+@dataclass
+class _Line:
+    """One line of the speed table: a variant or an A/A copy."""
+
+    name: str
+    at1: Timed | None
+    atb: Timed | None
+
+
+def _speed_lines(comparison: Comparison) -> list[_Line]:
+    one = comparison.timings.get(1)
+    many = comparison.timings.get(comparison.throughput_batch)
+    lines = []
+    for row in comparison.rows:
+        lines.append(_Line(row.name, row.latency, row.batch_latency))
+        copy = row.name + AA_SUFFIX
+        at1, atb = one.timed(copy) if one else None, many.timed(copy) if many else None
+        if at1 is not None or atb is not None:
+            lines.append(_Line(copy, at1, atb))
+    return lines
+
+
+def _speed_table(comparison: Comparison) -> str:
+    ref, batch = comparison.reference.name, comparison.throughput_batch
+    ort = AA_VARIANT if comparison.row(AA_VARIANT) else None
     header = [
-        "variant", "p50 ms", "p90 ms", "speedup", "vs ort fp32",
-        f"b{batch} p50 ms", f"b{batch} samples/s", "throughput vs original",
+        "variant", "ms", "p90 ms", "speedup vs original", f"vs {AA_VARIANT}",
+        f"b{batch} ms", f"b{batch} samples/s", "throughput vs original",
     ]
     rows = []
-    for row in comparison.rows:
-        throughput = _div(batch * 1000.0, row.batch_p50())
+    for line in _speed_lines(comparison):
+        throughput = _div(batch * 1000.0, line.atb.center_ms if line.atb else None)
         rows.append([
-            f"`{row.name}`",
-            _num(row.p50(), 3),
-            _num(None if row.latency is None else row.latency.percentile(90), 3),
-            _ratio(_div(ref.p50(), row.p50())),
-            _ratio(_div(ort.p50(), row.p50()) if ort else None),
-            _num(row.batch_p50(), 2),
+            f"`{line.name}`",
+            _num(line.at1.center_ms if line.at1 else None, 3),
+            _num(line.at1.percentile(90) if line.at1 else None, 3),
+            _ci(comparison.speedup(ref, line.name)) if line.name != ref else "1.00x",
+            (_ci(comparison.speedup(ort, line.name)) if line.name != ort else "1.00x") if ort else "-",
+            _num(line.atb.center_ms if line.atb else None, 2),
             _num(throughput, 0),
-            _ratio(_div(ref.batch_p50(), row.batch_p50())),
+            _ci(comparison.speedup(ref, line.name, batch)) if line.name != ref else "1.00x",
         ])
     return _table(header, rows)
 
@@ -153,7 +203,7 @@ def _stage_names(entries: Sequence[ToolchainEntry]) -> list[str]:
 
 def _toolchain_table(result: BenchResult) -> str:
     stages = _stage_names(result.toolchain)
-    header = ["recipe", *[f"{s} s" for s in stages], "stages total s", "process wall s", "peak RSS MiB"]
+    header = ["recipe", *[f"{s} s" for s in stages], "stages total s", "process wall s", "peak RSS MiB", "gates"]
     rows = []
     for entry in result.toolchain:
         times = entry.run.stage_seconds
@@ -164,77 +214,158 @@ def _toolchain_table(result: BenchResult) -> str:
             _num(total, 1),
             _num(entry.run.process_seconds, 1),
             _num(entry.run.peak_rss_bytes / 2**20, 0),
+            "pass" if entry.run.report.get("passed") else "FAIL",
         ])
     floor = [
         "imports only (python + torch, onnx, onnxruntime, onnxsim)",
-        *["" for _ in stages], "", "", _num(result.import_floor_rss / 2**20, 0),
+        *["" for _ in stages], "", "", _num(result.import_floor_rss / 2**20, 0), "",
     ]
     return _table(header, [*rows, floor])
 
 
+# --- deploytool's own verify against this benchmark ----------------------------------------------
+
+
 @dataclass
 class VerifyCheck:
-    """deploytool verify's own figures for one artifact, next to this benchmark's."""
+    """One speed ratio deploytool's verify reported in a run, next to this benchmark's for the same models."""
 
-    name: str
-    reported_speedup: float | None
-    measured_speedup: float | None
-    reported_accuracy: float | None
-    passed: bool
+    recipe: str
+    label: str  # what is compared, e.g. "`int8` over `fp32`"
+    keys: str  # the report keys it comes from
+    reported: Ratio | None
+    measured: Ratio | None
+
+    @property
+    def difference(self) -> float | None:
+        """reported / measured - 1."""
+        if self.reported is None or self.measured is None or self.measured.value == 0:
+            return None
+        return self.reported.value / self.measured.value - 1.0
+
+    @property
+    def agrees(self) -> bool | None:
+        difference = self.difference
+        return None if difference is None else abs(difference) <= VERIFY_BAND
+
+    @property
+    def overlap(self) -> bool | None:
+        if self.reported is None or self.measured is None:
+            return None
+        return self.reported.low <= self.measured.high and self.measured.low <= self.reported.high
+
+
+def _reported(value: Any, interval: Any) -> Ratio | None:
+    if not isinstance(value, (int, float)):
+        return None
+    low, high = interval if isinstance(interval, (list, tuple)) and len(interval) == 2 else (value, value)
+    return Ratio(float(value), float(low), float(high))
 
 
 def _verify_checks(result: BenchResult) -> list[VerifyCheck]:
     checks = []
     for entry in result.toolchain:
-        report = entry.run.report
         comparison = _comparison_of(result, entry)
-        for model in ("fp32", "int8"):
-            metrics = report.get("metrics", {}).get(model)
-            row = comparison.row(f"deploytool {entry.recipe.name} {model}") if comparison else None
-            if metrics is None or row is None or comparison is None:
+        report = entry.run.report
+        metrics: dict[str, dict[str, Any]] = report.get("metrics", {})
+        if comparison is None or not metrics:
+            continue
+        rows = run_rows(entry.recipe.name)
+        name = entry.recipe.name
+        aa = (report.get("latency") or {}).get("aa")
+        if isinstance(aa, dict):
+            model = aa.get("model", "reference")
+            checks.append(VerifyCheck(name, f"A/A: `{model}` over its copy", "`latency.aa`",
+                                      _reported(aa.get("value"), aa.get("ci")),
+                                      comparison.speedup(rows.get(model), rows.get(model, "") + AA_SUFFIX)))
+        ort_base = "unpruned_fp32" if "unpruned_fp32" in metrics else "fp32"
+        for model in ("fp32", "unpruned_fp32", "int8"):
+            mine = metrics.get(model)
+            if mine is None:
                 continue
-            measured = _div(comparison.reference.p50(), row.p50())
-            passed = bool(report.get("passed"))
-            checks.append(VerifyCheck(row.name, metrics.get("speedup"), measured, metrics.get("accuracy"), passed))
+            pairs: dict[str, list[str]] = {"reference": ["speedup"]}
+            if model != ort_base:
+                pairs.setdefault(ort_base, []).append("speedup_vs_ort_fp32")
+            if "speedup_vs_fp32" in mine:
+                pairs.setdefault("fp32", []).append("speedup_vs_fp32")
+            for baseline, keys in pairs.items():
+                key = keys[0]
+                if key not in mine:
+                    continue
+                checks.append(VerifyCheck(
+                    name, f"`{model}` over `{baseline}`", ", ".join(f"`{k}`" for k in keys),
+                    _reported(mine.get(key), mine.get(f"{key}_ci")),
+                    comparison.speedup(rows[baseline], rows[model]),
+                ))
     return checks
 
 
 def _verify_table(result: BenchResult) -> str:
+    def yes(value: bool | None) -> str:
+        return "-" if value is None else ("yes" if value else "**no**")
+
     rows = [
-        [
-            f"`{c.name}`", _ratio(c.reported_speedup), _ratio(c.measured_speedup),
-            _pct(c.reported_accuracy), "pass" if c.passed else "FAIL",
-        ]
+        [f"`{c.recipe}`", c.label, c.keys, _ci(c.reported), _ci(c.measured), _signed_pct(c.difference),
+         yes(c.agrees), yes(c.overlap)]
         for c in _verify_checks(result)
     ]
-    return _table(["model", "verify speedup", "benchmark speedup", "verify accuracy", "gates"], rows)
+    header = ["recipe", "ratio (run's names)", "report.json", "run's verify", "benchmark", "difference",
+              f"within {100 * VERIFY_BAND:.0f}%", "intervals overlap"]
+    return _table(header, rows, "lllrrrrr")
+
+
+def _verify_section(result: BenchResult) -> list[str]:
+    names = ", ".join(f"`{k}` = `{v}`" for k, v in run_rows("NAME").items())
+    return [
+        "## deploytool's own verify against this benchmark",
+        "",
+        "Each recipe's verify stage timed its models by the same method, in its own process: eager PyTorch "
+        "(the run's `reference`, in blocks of its own), the fp32 and int8 ONNX models (and a pruning recipe's "
+        "unpruned export) at batch 1, with its own A/A control (the fp32 model against a second session of itself). Below, "
+        "the speedups it wrote into `report.json` (`metrics[*].speedup`, `speedup_vs_ort_fp32` and "
+        "`speedup_vs_fp32`, each with its `_ci`), next to this benchmark's ratio for the same model files "
+        f"(run names to rows: {names}). Difference = run / benchmark - 1; the target is agreement within "
+        f"{100 * VERIFY_BAND:.0f}%. The run times fewer calls in smaller blocks ([verify] `runs`, `block`), so its "
+        "intervals are wider.",
+        "",
+        _verify_table(result),
+        "",
+    ]
 
 
 def _comparison_of(result: BenchResult, entry: ToolchainEntry) -> Comparison | None:
     return next((c for c in result.comparisons if entry in c.entries), None)
 
 
-def _verdict(ratio: float | None) -> str:
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _verdict(ratio: Ratio | None) -> str:
     if ratio is None:
         return "not measured"
-    if abs(ratio - 1.0) <= SAME_BAND:
-        return f"about the same ({ratio:.2f}x)"
-    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+    if ratio.low <= 1.0 <= ratio.high:
+        return f"no difference resolved ({_ci(ratio)})"
+    if abs(ratio.value - 1.0) <= SAME_BAND:
+        return f"about the same ({_ci(ratio)})"
+    if ratio.value > 1:
+        return f"{ratio.value:.2f}x faster [{ratio.low:.2f}, {ratio.high:.2f}]"
+    return f"{1 / ratio.value:.2f}x slower [{1 / ratio.high:.2f}, {1 / ratio.low:.2f}]"
 
 
-def _int8_reading(comparison: Comparison, batch: int, isa: Sequence[str]) -> list[str]:
+def _int8_reading(comparison: Comparison, isa: Sequence[str]) -> list[str]:
     lines = []
     not_faster = []
+    batch = comparison.throughput_batch
     for row in comparison.rows:
         base = comparison.row(row.variant.fp32_counterpart) if row.variant.fp32_counterpart else None
         if base is None:
             continue
-        at1 = _div(base.p50(), row.p50())
-        atb = _div(base.batch_p50(), row.batch_p50())
+        at1 = comparison.speedup(base.name, row.name)
+        atb = comparison.speedup(base.name, row.name, batch)
         lines.append(
             f"- `{row.name}` against `{base.name}`: {_verdict(at1)} at batch 1, {_verdict(atb)} at batch {batch}."
         )
-        if at1 is not None and at1 <= 1 + SAME_BAND:
+        if at1 is not None and at1.value <= 1 + SAME_BAND:
             not_faster.append(row.name)
     if not_faster:
         vnni = bool(set(isa) & {"vnni", "avx_vnni", "amx", "dotprod"})
@@ -247,11 +378,17 @@ def _int8_reading(comparison: Comparison, batch: int, isa: Sequence[str]) -> lis
     return lines
 
 
+def _products(comparison: Comparison) -> list[Any]:
+    """deploytool's own fp32 rows (not int8, not the exports made only for comparison)."""
+    return [r for r in comparison.rows if r.variant.source == "deploytool" and r.variant.fp32_counterpart is None
+            and not r.variant.for_comparison]
+
+
 def _naive_reading(comparison: Comparison) -> list[str]:
     """deploytool's int8 of the unpruned network against the naive int8 baselines of the same network."""
     tool = next((r for r in comparison.rows if r.variant.fp32_counterpart and r.variant.source == "deploytool"
                  and not r.variant.pruned), None)
-    naive = [r for r in comparison.rows if r.variant.fp32_counterpart == "ort fp32"]
+    naive = [r for r in comparison.rows if r.variant.fp32_counterpart == AA_VARIANT]
     if tool is None or tool.quality is None:
         return []
     lines = []
@@ -259,9 +396,9 @@ def _naive_reading(comparison: Comparison) -> list[str]:
         if row.quality is None:
             continue
         lines.append(
-            f"- `{tool.name}` against `{row.name}` (the same network): {_verdict(_div(row.p50(), tool.p50()))} "
-            f"at batch 1; accuracy {_pct(tool.quality.accuracy)} vs {_pct(row.quality.accuracy)}, logit cosine "
-            f"{tool.quality.cosine_mean:.5f} vs {row.quality.cosine_mean:.5f}."
+            f"- `{tool.name}` against `{row.name}` (the same network): "
+            f"{_verdict(comparison.speedup(row.name, tool.name))} at batch 1; accuracy {_pct(tool.quality.accuracy)} "
+            f"vs {_pct(row.quality.accuracy)}, logit cosine {tool.quality.cosine_mean:.5f} vs {row.quality.cosine_mean:.5f}."
         )
     return lines
 
@@ -301,32 +438,48 @@ def _accuracy_reading(comparison: Comparison) -> list[str]:
     return lines
 
 
-def _speed_reading(comparison: Comparison, batch: int) -> list[str]:
-    timed = [r for r in comparison.rows if r.p50() is not None]
+def _speed_reading(comparison: Comparison) -> list[str]:
+    timed = [r for r in comparison.rows if r.ms() is not None]
     if not timed:
         return []
-    fastest = min(timed, key=lambda r: r.p50() or 0.0)
+    batch = comparison.throughput_batch
+    fastest = min(timed, key=lambda r: r.ms() or 0.0)
     ref = comparison.reference
     lines = [
-        f"- Fastest at batch 1: `{fastest.name}`, p50 {fastest.p50():.3f} ms, "
-        f"{_ratio(_div(ref.p50(), fastest.p50()))} the original's speed ({ref.p50():.3f} ms)."
+        f"- Fastest at batch 1: `{fastest.name}`, {fastest.ms():.3f} ms, "
+        f"{_ci(comparison.speedup(ref.name, fastest.name))} the original's speed ({ref.ms() or 0.0:.3f} ms)."
     ]
-    deploytool = [r for r in comparison.rows if r.variant.source == "deploytool" and r.variant.fp32_counterpart is None]
-    ort, tool = comparison.row("ort fp32"), next((r for r in deploytool if not r.variant.pruned), None)
+    products = _products(comparison)
+    ort, tool = comparison.row(AA_VARIANT), next((r for r in products if not r.variant.pruned), None)
     if ort is not None and tool is not None:
         lines.append(
-            f"- A plain ONNX export in ONNX Runtime is already {_ratio(_div(ref.p50(), ort.p50()))} the original; "
-            f"`{tool.name}` (the same network, simplified) against it: {_verdict(_div(ort.p50(), tool.p50()))}."
+            f"- A plain ONNX export in ONNX Runtime is already {_ci(comparison.speedup(ref.name, ort.name))} the "
+            f"original; `{tool.name}` (the same network, simplified) against it: "
+            f"{_verdict(comparison.speedup(ort.name, tool.name))}."
         )
-    pruned = [r for r in deploytool if r.variant.pruned]
+    pruned = [r for r in products if r.variant.pruned]
     if pruned and tool is not None:
-        best = min(pruned, key=lambda r: r.p50() or float("inf"))
+        best = min(pruned, key=lambda r: r.ms() or float("inf"))
         smaller = _ratio(_div(tool.variant.size_bytes, best.variant.size_bytes))
         lines.append(
             f"- Pruning: `{best.name}` against `{tool.name}`: "
-            f"{_verdict(_div(tool.p50(), best.p50()))} at batch 1, "
-            f"{_verdict(_div(tool.batch_p50(), best.batch_p50()))} at batch {batch}, file {smaller} smaller."
+            f"{_verdict(comparison.speedup(tool.name, best.name))} at batch 1, "
+            f"{_verdict(comparison.speedup(tool.name, best.name, batch))} at batch {batch}, file {smaller} smaller."
         )
+    return lines
+
+
+def _aa_reading(comparison: Comparison) -> list[str]:
+    """A warning where an A/A control is off: then differences of that size are noise."""
+    lines = []
+    for batch, timing in comparison.timings.items():
+        for name in timing.controls:
+            aa = timing.aa(name)
+            if aa is not None and max(abs(aa.value - 1.0), aa.high - 1.0, 1.0 - aa.low) > AA_BAND:
+                lines.append(
+                    f"- The A/A control of `{name}` at batch {batch} came out at {_ci(aa)}, not 1.00 within "
+                    f"{100 * AA_BAND:.0f}%: at that batch, differences of that size are noise of this measurement."
+                )
     return lines
 
 
@@ -342,51 +495,55 @@ def _toolchain_reading(result: BenchResult) -> list[str]:
             f"peak RSS {entry.run.peak_rss_bytes / 2**20:.0f} MiB, of which "
             f"{result.import_floor_rss / 2**20:.0f} MiB is importing the libraries."
         )
-    differ = [
-        f"{c.reported_speedup:.1f}x for `{c.name}` (here: {c.measured_speedup:.1f}x)"
-        for c in _verify_checks(result)
-        if c.reported_speedup is not None and c.measured_speedup is not None
-        and not 1 / VERIFY_BAND <= c.reported_speedup / c.measured_speedup <= VERIFY_BAND
-    ]
-    if differ:
+    checks = [c for c in _verify_checks(result) if c.agrees is not None]
+    if checks:
+        agree = sum(bool(c.agrees) for c in checks)
+        worst = max(checks, key=lambda c: abs(c.difference or 0.0))
         lines.append(
-            f"- deploytool's own verify stage reported speedups over PyTorch that differ from this benchmark's by "
-            f"more than {VERIFY_BAND:.2f}x: " + "; ".join(differ) + ". Verify times single alternating calls "
-            "(see How it is measured), so its `speedup` and its `min_speedup` gate depend on which model ran "
-            "just before and on what else the machine was doing."
+            f"- deploytool's own verify and this benchmark agree within {100 * VERIFY_BAND:.0f}% on {agree} of "
+            f"{len(checks)} speed ratios (largest difference: {_signed_pct(worst.difference)}, {worst.label} of "
+            f"`{worst.recipe}`)."
         )
+        apart = [c for c in checks if not c.agrees]
+        if apart:
+            overlapping = sum(bool(c.overlap) for c in apart)
+            lines.append(
+                f"- Of the {len(apart)} further apart, {overlapping} have overlapping intervals (the difference is "
+                "within the noise of the shorter measurement in the run); "
+                + ("the others differ beyond it." if overlapping < len(apart) else "none differs beyond it.")
+            )
     return lines
 
 
 def _timing_line(comparison: Comparison) -> str:
-    """How each batch size was sampled: rounds kept and discarded, and what other processes took meanwhile."""
+    """How each batch size was sampled: rounds, calls, A/A controls, and what other processes took meanwhile."""
     parts = []
     for batch, timing in comparison.timings.items():
-        if timing.filtered:
-            others = "unknown" if timing.others_kept is None else f"{100 * timing.others_kept:.0f}%"
-            parts.append(
-                f"batch {batch}: {timing.kept} quiet rounds kept ({timing.calls} timed calls per variant), "
-                f"{timing.dropped} discarded, {timing.waited:.0f} s paused for other processes (their CPU share "
-                f"in the kept rounds: {others})"
-            )
+        others = "unknown" if timing.others is None else f"{100 * timing.others:.0f}%"
+        if not timing.quiet:
+            wait = f"begun while the machine was still busy after {timing.waited:.0f} s of waiting"
+        elif timing.waited:
+            wait = f"begun after {timing.waited:.0f} s of waiting for a quiet machine"
         else:
-            parts.append(
-                f"batch {batch}: only {timing.kept} of {timing.kept + timing.dropped} rounds were quiet when the "
-                f"time budget ran out (after {timing.waited:.0f} s paused for other processes), so all are used "
-                f"({timing.calls} timed calls per variant; noisy)"
-            )
-    return "Timing: " + "; ".join(parts) + "."
+            wait = "begun on a quiet machine"
+        controls = "; ".join(f"A/A `{name}` {_ci(timing.aa(name))}" for name in timing.controls)
+        parts.append(
+            f"batch {batch}: {timing.rounds} rounds ({timing.calls} timed calls per variant) in "
+            f"{timing.measurement.seconds:.0f} s, {wait}; other processes took {others} of the CPU meanwhile; "
+            f"{controls}"
+        )
+    return "Timing: " + ". ".join(parts) + "."
 
 
 def _load_reading(comparison: Comparison) -> list[str]:
-    noisy = [f"batch {b}" for b, t in comparison.timings.items() if not t.filtered or (t.others_kept or 0.0) > 0.1]
+    noisy = [f"batch {b}" for b, t in comparison.timings.items() if not t.quiet or (t.others or 0.0) > 0.1]
     if not noisy:
         return []
     return [
         f"- Other processes kept the machine busy while {' and '.join(noisy)} were timed: absolute times there, "
-        "p90s above all, are noisy. PyTorch's two-thread OpenMP region loses the most when a core is taken away, "
-        "so the `pytorch` rows, and every ratio relative to them, are the least reliable numbers; ratios between "
-        "ONNX Runtime rows hold better."
+        "p90s above all, are noisy, and the intervals wider. PyTorch's two-thread OpenMP region loses the most "
+        "when a core is taken away, so the `pytorch` rows, and every ratio relative to them, are the least "
+        "reliable numbers; ratios between ONNX Runtime rows hold better."
     ]
 
 
@@ -395,12 +552,12 @@ def _reading(result: BenchResult) -> list[str]:
     lines = ["## Reading", ""]
     for comparison in result.comparisons:
         lines += [f"**{comparison.title}**", ""]
-        lines += _speed_reading(comparison, result.batch)
-        lines += _int8_reading(comparison, result.batch, isa)
+        lines += _speed_reading(comparison)
+        lines += _int8_reading(comparison, isa)
         lines += _naive_reading(comparison)
         lines += _accuracy_reading(comparison)
         lines += [f"- {note}" for note in comparison.notes]
-        lines += [*_load_reading(comparison), ""]
+        lines += [*_aa_reading(comparison), *_load_reading(comparison), ""]
     lines += ["**Toolchain**", "", *_toolchain_reading(result)]
     lines += [
         f"- **Recipe `{path}` failed** and is missing from the tables: {why}" for path, why in result.failed.items()
@@ -417,8 +574,10 @@ def render(result: BenchResult) -> str:
         lines += [
             f"## {comparison.title}",
             "",
-            f"Recipes: {recipes}. Quality on `{comparison.dataset}` ({comparison.samples} samples); "
-            "speedup = original p50 / variant p50 at batch 1.",
+            f"Recipes: {recipes}. Quality on `{comparison.dataset}` ({comparison.samples} samples). Latency in ms is "
+            "the median of block means; speedup = original's latency / variant's latency at batch 1, with its 95% "
+            f"bootstrap interval. `{AA_VARIANT}{AA_SUFFIX}` is the A/A control: the same file in a second session, "
+            "which must come out at 1.00x.",
             "",
             _timing_line(comparison),
             "",
@@ -428,7 +587,7 @@ def render(result: BenchResult) -> str:
             "",
             "### Speed",
             "",
-            _speed_table(comparison, result.batch),
+            _speed_table(comparison),
             "",
             "### Quality and size",
             "",
@@ -441,17 +600,19 @@ def render(result: BenchResult) -> str:
         "## Toolchain cost",
         "",
         "Wall time of each deploytool stage (from `report.json`), the recipe process's wall time "
-        "(including imports) and its peak RSS. The export stage of a pruning recipe also exports the "
-        "unpruned model for comparison; verify includes deploytool's own latency measurement.",
+        "(including imports), its peak RSS and whether its gates passed. The export stage of a pruning recipe also "
+        "exports the unpruned model for comparison; verify includes deploytool's own latency measurement.",
         "",
         _toolchain_table(result),
         "",
-        "What deploytool's verify stage reported in the same run, next to this benchmark's measurement:",
-        "",
-        _verify_table(result),
-        "",
+        *_verify_section(result),
         "## How it is measured",
         "",
         *_method(result),
     ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _legend(comparison: Comparison) -> str:
+    rows = [[f"`{r.name}`", r.variant.description] for r in comparison.rows]
+    return _table(["variant", "how it was made"], rows, "ll")

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from benchmarks.measure import Quality, Timing, TimingPlan
+from benchmarks.measure import Quality, Quiet, Timing
 from benchmarks.toolchain import ToolchainRun
 from benchmarks.variants import Variant
+from deploytool.latency import Ratio, Timed, TimingPlan
 from deploytool.recipe import Recipe
-from deploytool.runners import Latency
 
 
 @dataclass
@@ -19,18 +19,23 @@ class Row:
 
     variant: Variant
     quality: Quality | None = None
-    latency: Latency | None = None  # batch 1
-    batch_latency: Latency | None = None  # the throughput batch
+    latency: Timed | None = None  # batch 1
+    batch_latency: Timed | None = None  # the throughput batch
 
     @property
     def name(self) -> str:
         return self.variant.name
 
-    def p50(self) -> float | None:
-        return None if self.latency is None else self.latency.percentile(50)
+    def ms(self) -> float | None:
+        """Latency at batch 1: the median of the block means."""
+        return None if self.latency is None else self.latency.center_ms
 
-    def batch_p50(self) -> float | None:
-        return None if self.batch_latency is None else self.batch_latency.percentile(50)
+    def p90(self) -> float | None:
+        """90th percentile of single calls at batch 1."""
+        return None if self.latency is None else self.latency.percentile(90)
+
+    def batch_ms(self) -> float | None:
+        return None if self.batch_latency is None else self.batch_latency.center_ms
 
 
 @dataclass
@@ -43,7 +48,7 @@ class ToolchainEntry:
 
 @dataclass
 class Comparison:
-    """All variants of one original model (one checkpoint), measured in one interleaved session."""
+    """All variants of one original model (one checkpoint), measured together by the block method."""
 
     title: str
     dataset: str
@@ -53,6 +58,7 @@ class Comparison:
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
     timings: dict[int, Timing] = field(default_factory=dict)  # by batch size: how the latency was sampled
+    throughput_batch: int = 0
 
     @property
     def reference(self) -> Row:
@@ -60,6 +66,13 @@ class Comparison:
 
     def row(self, name: str) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
+
+    def speedup(self, baseline: str | None, candidate: str | None, batch: int = 1) -> Ratio | None:
+        """time(baseline) / time(candidate) at `batch` with its bootstrap interval; None where not measured."""
+        timing = self.timings.get(batch)
+        if timing is None or baseline is None or candidate is None:
+            return None
+        return timing.speedup(baseline, candidate)
 
 
 @dataclass
@@ -72,6 +85,7 @@ class BenchResult:
     batch: int
     latency_plan: TimingPlan
     batch_plan: TimingPlan
+    quiet: Quiet
     comparisons: list[Comparison]
     toolchain: list[ToolchainEntry]
     import_floor_rss: int

@@ -1,6 +1,9 @@
 """`make bench`: run every sample recipe, build the baselines, measure them all side by side,
 and regenerate docs/benchmarks.md.
 
+Latency is deploytool's own block method (deploytool.latency), with an A/A control; next to it,
+what each run's verify stage reported for the same models (report.json).
+
     python -m benchmarks.run [--recipes recipes/a.toml ...] [--out docs/benchmarks.md] [--threads 2]
 """
 
@@ -17,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks import ROOT, relative
-from benchmarks.measure import Timing, TimingPlan, accepts_batch, first_output, interleaved_latency, quality
+from benchmarks.measure import Quiet, Timing, accepts_batch, block_latency, first_output, quality
+from benchmarks.report import AA_VARIANT, TORCH_REFERENCE
 from benchmarks.results import BenchResult, Comparison, Row, ToolchainEntry
 from benchmarks.toolchain import import_floor_rss, run_recipe_process
 from benchmarks.variants import (
@@ -31,8 +35,9 @@ from benchmarks.variants import (
     torch_dynamic_int8,
     torch_fp32,
 )
-from deploytool.data import Dataset, load_dataset
+from deploytool.data import Dataset
 from deploytool.errors import DeployError
+from deploytool.latency import TimingPlan
 from deploytool.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -46,17 +51,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="keep the artifacts here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for ONNX Runtime and PyTorch")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput row")
-    parser.add_argument("--rounds", type=int, default=30, help="most interleaved rounds at batch 1")
+    parser.add_argument("--rounds", type=int, default=30, help="most rounds at batch 1 (one block per variant each)")
     parser.add_argument("--block", type=int, default=40, help="timed calls per variant per round at batch 1")
     parser.add_argument("--block-warmup", type=int, default=10, help="untimed calls before each block at batch 1")
     parser.add_argument("--warmup", type=int, default=30, help="warm-up calls per variant before timing at batch 1")
     parser.add_argument("--seconds", type=float, default=25.0, help="time budget at batch 1, per checkpoint")
-    parser.add_argument("--batch-rounds", type=int, default=20, help="most interleaved rounds at the throughput batch")
+    parser.add_argument("--batch-rounds", type=int, default=20, help="most rounds at the throughput batch")
     parser.add_argument("--batch-block", type=int, default=3, help="timed calls per variant per round (throughput)")
     parser.add_argument("--batch-block-warmup", type=int, default=4, help="untimed calls before each throughput block")
-    parser.add_argument("--batch-seconds", type=float, default=20.0, help="time budget at the throughput batch")
-    parser.add_argument("--max-others", type=float, default=0.15, help="re-time segments where others took more CPU")
-    parser.add_argument("--max-wait", type=float, default=45.0, help="pause up to this long (s) per timing for others")
+    parser.add_argument("--batch-seconds", type=float, default=40.0, help="time budget at the throughput batch")
+    parser.add_argument("--max-others", type=float, default=0.15,
+                        help="before timing, wait while other processes take more than this share of the CPU")
+    parser.add_argument("--max-wait", type=float, default=45.0, help="wait at most this long (s) per timing")
     return parser.parse_args(argv)
 
 
@@ -110,10 +116,13 @@ def run_toolchain(paths: Sequence[Path], work: Path, threads: int) -> tuple[list
 
 
 def datasets(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
-    """(evaluation data, calibration data) of a recipe: [data] validation, else calibration."""
-    specs, labels, data = recipe.model.inputs, recipe.data.labels, recipe.data
-    calibration = load_dataset(recipe.resolve(data.calibration), specs, labels) if data.calibration else None
-    validation = load_dataset(recipe.resolve(data.validation), specs, labels) if data.validation else None
+    """(evaluation data, calibration data) of a recipe: [data] validation, else calibration; loaded as a run
+    loads them (files relative to the recipe, image folders, module:callable sources)."""
+    from deploytool.pipeline import data_source
+
+    data = recipe.data
+    calibration = data_source(recipe, data.calibration) if data.calibration else None
+    validation = data_source(recipe, data.validation) if data.validation else None
     evaluation = validation or calibration
     if evaluation is None:
         raise SystemExit(f"recipe {recipe.name}: benchmarking needs [data] validation or calibration")
@@ -159,38 +168,54 @@ def measure_quality(rows: list[Row], evaluation: Dataset, task: str, batch: int)
         row.quality = quality(reference, output, evaluation.labels, task)
 
 
-def measure_speed(rows: list[Row], evaluation: Dataset, args: argparse.Namespace) -> dict[int, Timing]:
-    """Fill in batch-1 and throughput-batch latency of every row, in place; returns how each was sampled."""
-    timings = {}
-    for batch, plan, attr in (
-        (1, latency_plan(args), "latency"),
-        (min(args.batch, len(evaluation)), batch_plan(args), "batch_latency"),
-    ):
+def measure_speed(rows: list[Row], evaluation: Dataset, args: argparse.Namespace) -> tuple[dict[int, Timing], int]:
+    """Fill in batch-1 and throughput-batch latency of every row, in place, by deploytool.latency's block
+    method; returns how each batch size was sampled, and the throughput batch size.
+
+    The A/A control is `ort fp32` (else the first row): timed a second time as a variant of its own.
+    At batch 1 the eager original gets an A/A copy too, as in deploytool's own verify."""
+    timings: dict[int, Timing] = {}
+    throughput = min(args.batch, len(evaluation))
+    sizes = [(1, latency_plan(args), "latency", (TORCH_REFERENCE,))]
+    if throughput != 1:
+        sizes.append((throughput, batch_plan(args), "batch_latency", ()))
+    for batch, plan, attr, controls in sizes:
         timed = [r for r in rows if accepts_batch(r.variant.runner, batch)]
+        if not timed:
+            continue
+        control = next((r for r in timed if r.name == AA_VARIANT), timed[0])
+        ordered = [control, *(r for r in timed if r is not control)]
         feeds = next(evaluation.head(batch).batches(batch))
         step(f"  timing {len(timed)} variants at batch {batch}: up to {plan.rounds} rounds in {plan.max_seconds:.0f} s")
-        timing = interleaved_latency([r.variant.runner for r in timed], feeds, plan)
-        busy = f", {timing.dropped} discarded while other processes were busy" if timing.dropped else ""
-        paused = f", {timing.waited:.0f} s paused for them" if timing.waited else ""
-        step(f"    {timing.kept} quiet rounds kept{busy}{paused}")
+        timing = block_latency([r.variant.runner for r in ordered], feeds, plan, batch, quiet(args), controls)
+        others = "unknown" if timing.others is None else f"{100 * timing.others:.0f}%"
+        waited = f", waited {timing.waited:.0f} s for a quiet machine" if timing.waited else ""
+        busy = "" if timing.quiet else " (still busy)"
+        aa = ", ".join(f"A/A {name} {timing.aa(name)}" for name in timing.controls)
+        step(f"    {timing.rounds} rounds in {timing.measurement.seconds:.0f} s{waited}{busy}; "
+             f"others took {others} of the CPU; {aa}")
         for row in timed:
-            setattr(row, attr, timing.latencies[row.name])
+            setattr(row, attr, timing.timed(row.name))
         timings[batch] = timing
-    return timings
+    return timings, throughput
 
 
 def latency_plan(args: argparse.Namespace) -> TimingPlan:
     return TimingPlan(
         rounds=args.rounds, block=args.block, block_warmup=args.block_warmup, warmup=args.warmup,
-        max_seconds=args.seconds, max_wait=args.max_wait, max_others=args.max_others,
+        max_rounds=args.rounds, max_seconds=args.seconds,
     )
 
 
 def batch_plan(args: argparse.Namespace) -> TimingPlan:
     return TimingPlan(
         rounds=args.batch_rounds, block=args.batch_block, block_warmup=args.batch_block_warmup, warmup=2,
-        max_seconds=args.batch_seconds, max_wait=args.max_wait, max_others=args.max_others,
+        max_rounds=args.batch_rounds, max_seconds=args.batch_seconds,
     )
+
+
+def quiet(args: argparse.Namespace) -> Quiet:
+    return Quiet(max_others=args.max_others, max_wait=args.max_wait)
 
 
 def compare(group: list[ToolchainEntry], work: Path, args: argparse.Namespace) -> Comparison:
@@ -200,7 +225,7 @@ def compare(group: list[ToolchainEntry], work: Path, args: argparse.Namespace) -
     recipe = group[0].recipe
     evaluation, calibration = datasets(recipe)
     checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir)
+    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, factory_args=recipe.model.factory_args)
     step(f"building baselines for {checkpoint.name if checkpoint else recipe.model.factory}")
     folder = work / "baselines" / recipe.name
     baselines, notes = build_baselines(recipe, model, evaluation.head(2), calibration, folder, args.threads)
@@ -209,10 +234,10 @@ def compare(group: list[ToolchainEntry], work: Path, args: argparse.Namespace) -
         variants += deploytool_variants(entry.recipe, entry.run, args.threads)
     rows = [Row(v) for v in variants]
     measure_quality(rows, evaluation, recipe.data.task, args.batch)
-    timings = measure_speed(rows, evaluation, args)
+    timings, throughput = measure_speed(rows, evaluation, args)
     title = f"{type(model).__name__} from `{relative(checkpoint)}`" if checkpoint else type(model).__name__
-    source = relative(Path(evaluation.source))
-    return Comparison(title, source, len(evaluation), recipe.data.task, group, rows, notes, timings)
+    source = relative(Path(evaluation.source)) if Path(evaluation.source).exists() else evaluation.source
+    return Comparison(title, source, len(evaluation), recipe.data.task, group, rows, notes, timings, throughput)
 
 
 def benchmark(args: argparse.Namespace, work: Path) -> BenchResult:
@@ -228,7 +253,7 @@ def benchmark(args: argparse.Namespace, work: Path) -> BenchResult:
     comparisons = [compare(group, work, args) for group in group_recipes(entries)]
     environment: dict[str, Any] = {"cpu": cpu_info(), "versions": versions()}
     return BenchResult(
-        started, environment, args.threads, args.batch, latency_plan(args), batch_plan(args),
+        started, environment, args.threads, args.batch, latency_plan(args), batch_plan(args), quiet(args),
         comparisons, entries, floor, failed,
     )
 
@@ -237,14 +262,15 @@ def summary(result: BenchResult) -> list[str]:
     """A few lines for the terminal."""
     lines = []
     for comparison in result.comparisons:
-        ref = comparison.reference.p50()
+        ref = comparison.reference.name
         for row in comparison.rows:
-            p50 = row.p50()
-            speedup = f"{ref / p50:6.2f}x" if ref and p50 else "     -"
+            ms = row.ms()
+            ratio = comparison.speedup(ref, row.name)
+            speedup = "-" if ratio is None else str(ratio)
             acc = row.quality.accuracy if row.quality else None
             accuracy = f"{100 * acc:6.2f}%" if acc is not None else "      -"
             size = row.variant.size_bytes / 1024
-            lines.append(f"  {row.name:<38} p50 {p50 or 0:8.3f} ms  {speedup}  acc {accuracy}  {size:7.1f} KB")
+            lines.append(f"  {row.name:<40} {ms or 0:8.3f} ms  {speedup:<26} acc {accuracy}  {size:7.1f} KB")
     return lines
 
 

@@ -41,6 +41,7 @@ class Variant:
     source: str  # "baseline" or "deploytool"
     fp32_counterpart: str | None = None  # the fp32 row an int8 row is compared with
     pruned: bool = False
+    for_comparison: bool = False  # made by a run only to compare with (e.g. the unpruned export), not its product
 
 
 @contextlib.contextmanager
@@ -171,20 +172,38 @@ def _quantization_summary(details: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def run_rows(recipe_name: str) -> dict[str, str]:
+    """The benchmark row of each model a run's report names (report["metrics"] keys)."""
+    return {
+        "reference": "pytorch fp32",
+        "fp32": f"deploytool {recipe_name} fp32",
+        "int8": f"deploytool {recipe_name} int8",
+        "unpruned_fp32": f"deploytool {recipe_name} unpruned fp32",
+    }
+
+
 def deploytool_variants(recipe: Recipe, run: ToolchainRun, threads: int) -> list[Variant]:
-    """model.onnx and model.int8.onnx of one recipe run, as ONNX Runtime rows."""
+    """model.onnx and model.int8.onnx of one recipe run, as ONNX Runtime rows; a pruning run's
+    model.unpruned.onnx too (the original exported for comparison, the baseline of its verify)."""
     recipe_name = recipe.name
+    names = run_rows(recipe_name)
     steps = _recipe_steps(recipe)
     pruned = recipe.prune is not None
-    fp32_name = f"deploytool {recipe_name} fp32"
+    fp32_name = names["fp32"]
     fp32 = run.out_dir / "model.onnx"
     runner = OrtRunner(fp32_name, fp32, threads)
     variants = [Variant(fp32_name, ", ".join(steps), runner, fp32.stat().st_size, "deploytool", pruned=pruned)]
     int8 = run.out_dir / "model.int8.onnx"
     if int8.exists():
-        name = f"deploytool {recipe_name} int8"
+        name = names["int8"]
         description = ", ".join(steps) + f"; {_quantization_summary(run.report.get('quantization', {}))}"
         runner = OrtRunner(name, int8, threads)
         variants.append(Variant(name, description, runner, int8.stat().st_size, "deploytool", fp32_name, pruned))
+    unpruned = run.out_dir / "model.unpruned.onnx"
+    if unpruned.exists():
+        name = names["unpruned_fp32"]
+        description = "the original network, exported (no onnxsim) by this pruning recipe to compare with"
+        runner = OrtRunner(name, unpruned, threads)
+        variants.append(Variant(name, description, runner, unpruned.stat().st_size, "deploytool", for_comparison=True))
     return variants
 

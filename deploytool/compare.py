@@ -52,7 +52,12 @@ def _statistics(
     result["cosine_min"] = float(np.min(cosine))
     noise = float(((ref - cand) ** 2).sum())
     signal = float((ref**2).sum())
-    result["snr_db"] = float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+    if noise == 0:
+        result["snr_db"] = float("inf")
+    elif signal == 0:
+        result["snr_db"] = float("-inf")  # any error on an all-zero reference is all noise
+    else:  # a ratio of the two, whatever their magnitude (outputs of 1e-30 are as sensitive as outputs of 1)
+        result["snr_db"] = float(10 * (np.log10(signal) - np.log10(noise)))
     return result
 
 

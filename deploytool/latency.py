@@ -11,8 +11,8 @@ worker threads keep spin-waiting after a call and steal the CPU from whatever ru
 - a model's latency is the median of its block means; a ratio between two models is the ratio of
   those medians, with a bootstrap confidence interval over rounds (blocks of the same round are
   paired, so slow drifts of the machine cancel);
-- an A/A control, the first runner timed a second time as a runner of its own, shows the noise
-  floor of the measurement: its ratio to the first must be 1.00 within that floor.
+- an A/A control, one runner (the first, unless named) timed a second time as a runner of its own,
+  shows the noise floor of the measurement: its ratio to that runner must be 1.00 within that floor.
 """
 
 from __future__ import annotations
@@ -29,18 +29,25 @@ from deploytool.runners import Runner
 
 METHOD = "blocks"
 AA_SUFFIX = " (A/A copy)"
+MIN_ROUNDS = 5  # the time bound never stops timing before this many rounds: fewer give no interval worth the name
 
 
 @dataclass(frozen=True)
 class TimingPlan:
-    """How latency is sampled: `rounds` rounds of one `block` of timed calls per runner.
+    """How latency is sampled: `rounds` rounds of one block of timed calls per runner.
 
-    At least `min_seconds` of rounds are timed; extending an undecided measurement stops at
-    `max_rounds` rounds or `max_seconds` seconds of timing, whichever comes first."""
+    A block holds `block` calls, more for a fast model (enough to last `min_block_seconds`: the
+    cost of switching between models must not weigh on short calls) and fewer for a slow one (as
+    many as fit in `block_seconds`, at least one), after untimed calls: `block_warmup`, or a
+    quarter of the block when that is more. At least
+    `min_seconds` of rounds are timed; timing stops at `max_rounds` rounds or after `max_seconds`
+    seconds, whichever comes first, but never before MIN_ROUNDS rounds."""
 
     rounds: int = 20
     block: int = 10
     block_warmup: int = 2
+    block_seconds: float = 0.25
+    min_block_seconds: float = 0.02
     warmup: int = 10
     min_seconds: float = 0.0
     max_rounds: int = 80
@@ -89,6 +96,8 @@ class Timed:
     name: str
     samples_ms: list[float] = field(default_factory=list)
     blocks_ms: list[float] = field(default_factory=list)
+    block: int = 0  # timed calls per block
+    block_warmup: int = 0  # untimed calls before each block
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.samples_ms, q))
@@ -145,6 +154,7 @@ class Measurement:
             "method": METHOD,
             "rounds": self.rounds,
             "block": self.plan.block,
+            "blocks": {name: t.block for name, t in self.timed.items()},
             "block_warmup": self.plan.block_warmup,
             "warmup": self.plan.warmup,
             "order": "shuffled per round",
@@ -190,31 +200,49 @@ class Timer:
     """Times runners by the block method; `extend` adds rounds to an undecided measurement."""
 
     def __init__(self, runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan,
-                 control: bool = True, progress: object = None) -> None:
+                 control: bool | str = True, progress: object = None) -> None:
+        """control: True for an A/A copy of the first runner, the name of another runner to copy, or False."""
         if not runners:
             raise ValueError("nothing to time")
         self.plan = plan
         self.feeds = feeds
-        self.reference = runners[0].name
-        self.aa_name = runners[0].name + AA_SUFFIX if control else None
-        self.runners: list[Runner] = [*runners, *([Twin(runners[0])] if control else [])]
+        copied = next((r for r in runners if r.name == control), runners[0]) if control else None
+        self.reference = copied.name if copied is not None else runners[0].name
+        self.aa_name = copied.name + AA_SUFFIX if copied is not None else None
+        self.runners: list[Runner] = [*runners, *([Twin(copied)] if copied is not None else [])]
         self.timed = {r.name: Timed(r.name) for r in self.runners}
         self.rounds = 0
         self.seconds = 0.0
         self.progress = progress
         self._rng = random.Random(plan.seed)
         for runner in self.runners:
-            for _ in range(plan.warmup):
-                runner.infer(feeds)
+            self._size_blocks(runner)
+
+    def _size_blocks(self, runner: Runner) -> None:
+        """Warm a runner up and size its blocks from how long its warm-up calls took."""
+        seconds = []
+        for _ in range(max(1, self.plan.warmup)):
+            start = time.perf_counter()
+            runner.infer(self.feeds)
+            seconds.append(time.perf_counter() - start)
+        call = max(float(np.median(seconds[len(seconds) // 2:])), 1e-6)
+        if call * self.plan.block < self.plan.min_block_seconds:
+            block = min(math.ceil(self.plan.min_block_seconds / call), 50 * self.plan.block)
+        else:
+            block = max(1, min(self.plan.block, int(self.plan.block_seconds / call)))
+        timed = self.timed[runner.name]
+        timed.block = block
+        timed.block_warmup = max(min(self.plan.block_warmup, block // 4), block // 4)
 
     def _round(self) -> None:
         order = list(self.runners)
         self._rng.shuffle(order)
         for runner in order:
-            for _ in range(self.plan.block_warmup):
+            timed = self.timed[runner.name]
+            for _ in range(timed.block_warmup):
                 runner.infer(self.feeds)
             samples = []
-            for _ in range(self.plan.block):
+            for _ in range(timed.block):
                 start = time.perf_counter()
                 runner.infer(self.feeds)
                 samples.append((time.perf_counter() - start) * 1000.0)
@@ -230,7 +258,7 @@ class Timer:
         steps = range(self.rounds, target)
         tracked = steps if self.progress is None else self.progress.track(steps, len(steps), "measuring latency")  # type: ignore[attr-defined]
         for _ in tracked:
-            if self.seconds + time.perf_counter() - started > self.plan.max_seconds and self.rounds >= 2:
+            if self.seconds + time.perf_counter() - started > self.plan.max_seconds and self.rounds >= MIN_ROUNDS:
                 break
             self._round()
         if rounds is None:
@@ -250,7 +278,7 @@ class Timer:
         return Measurement(self.timed, self.plan, self.rounds, self.seconds, self.aa_name, self.reference)
 
 
-def measure(runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan, control: bool = True,
+def measure(runners: Sequence[Runner], feeds: Mapping[str, np.ndarray], plan: TimingPlan, control: bool | str = True,
             progress: object = None) -> Measurement:
     """Time `runners` (and, with `control`, an A/A copy of the first) by the block method."""
     return Timer(runners, feeds, plan, control, progress).run()

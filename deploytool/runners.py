@@ -87,20 +87,28 @@ class OrtRunner:
     def __init__(self, name: str, path: Path, threads: int = 1, user_file: bool = False) -> None:
         """`user_file`: the model is one the user named, so a model ONNX Runtime cannot load is a user error
         (exit 2); a model deploytool made that does not load is a stage failure (exit 3)."""
-        import onnxruntime as ort
-
         self.name = name
         self.path = path
         self.threads = threads
         self.user_file = user_file
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unreadable models
-            if user_file:
-                raise UserError(f"cannot load ONNX model {path}: {first_line(exc)}") from None
-            raise StageError("onnxruntime", f"cannot load {path.name}: {first_line(exc)}") from exc
+        self.session = self._open()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _open(self) -> onnxruntime.InferenceSession:
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.path), session_options(self.threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            if self.user_file:
+                raise UserError(f"cannot load ONNX model {self.path}: {first_line(exc)}") from None
+            raise StageError("onnxruntime", f"cannot load {self.path.name}: {first_line(exc)}") from exc
+
+    def reopen(self) -> None:
+        """A fresh session: gives back the memory a large batch made the old one's arena keep."""
+        self.session = None  # type: ignore[assignment]  # the old session goes before the new one comes
+        self.session = self._open()
 
     def twin(self, name: str) -> OrtRunner:
         """A second session of the same file (the A/A control of the latency method)."""

@@ -62,7 +62,7 @@ def test_digits_report_json_has_the_stable_keys(digits_run: tuple[CliRun, Path])
         ("min_top1_agreement", "int8", True), ("min_speedup_vs_fp32", "int8", True),
     }
     latency = report["latency"]
-    assert latency["method"] == "blocks" and latency["spinning"] is False and latency["aa"]["model"] == "reference"
+    assert latency["method"] == "blocks" and latency["spinning"] is False and latency["aa"]["model"] == "fp32"
 
     assert set(report["models"]) >= {"reference", "fp32", "int8"}
     for name, model in report["models"].items():

@@ -126,3 +126,68 @@ def test_two_named_outputs(tmp_path: Path, calib: Dataset) -> None:
     logits, probs = runner.infer({"image": calib.feeds["image"][:3]})
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     assert logits.shape == probs.shape == (3, 10)
+
+
+def test_an_invalid_dynamo_graph_is_rejected_and_torchscript_is_used(tmp_path: Path) -> None:
+    """The dynamo exporter names an output after a submodule ('embedding'), and its graph breaks SSA
+    ("'embedding' has been used as output names multiple times"): the check rejects it, TorchScript is used."""
+    source = """
+import torch
+from torch import nn
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.proj(self.embedding(ids)).mean(1)
+
+def build():
+    torch.manual_seed(0)
+    return Encoder()
+"""
+    model = load_model(f"{write_module(tmp_path, 'encoder', source)}:build", None, tmp_path)
+    from deploytool.recipe import InputSpec
+
+    specs = [InputSpec(name="ids", shape=["batch", 6], dtype="int64")]
+    sample = Dataset({"ids": np.random.default_rng(0).integers(0, 20, (2, 6)).astype(np.int64)}, None, "ids")
+    out = tmp_path / "encoder.onnx"
+    record = export_onnx(model, specs, ["embedding"], ExportConfig(), sample, out)
+    assert record.exporter == "torchscript"
+    (note,) = record.notes
+    assert "dynamo exporter's graph fails onnx.checker" in note and "'embedding'" in note and "used the torchscript" in note
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    with pytest.raises(StageError) as info:  # asked for dynamo alone: its graph is refused, not shipped
+        export_onnx(model, specs, ["embedding"], ExportConfig(exporter="dynamo"), sample, tmp_path / "dynamo.onnx")
+    assert "fails onnx.checker" in info.value.message and not (tmp_path / "dynamo.onnx").exists()
+
+
+def test_dynamo_failure_note_names_the_underlying_cause(tmp_path: Path, calib: Dataset) -> None:
+    """torch's exporter wraps failures in a generic 'Failed to decompose the FX graph' error; the note says
+    the cause (here: a submodule named `meta`, which torch.export cannot resolve), and TorchScript takes over."""
+    source = """
+import torch
+from torch import nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.meta = nn.Sequential(nn.Linear(64, 10))
+
+    def forward(self, image):
+        return self.meta(image.flatten(1))
+
+
+def build():
+    torch.manual_seed(0)
+    return M()
+"""
+    model = load_model(f"{write_module(tmp_path, 'meta_named', source)}:build", None, tmp_path)
+    record = export_onnx(model, image_specs(), ["logits"], ExportConfig(), calib.head(2), tmp_path / "meta.onnx")
+    if record.exporter == "dynamo":
+        pytest.skip("this torch version exports a submodule named 'meta' with dynamo")
+    note = next(n for n in record.notes if "dynamo exporter failed" in n)
+    assert "Failed to decompose" not in note and "Error: " in note, note

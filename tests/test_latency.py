@@ -36,7 +36,7 @@ def test_aa_control_of_a_model_against_its_copy(tmp_path: Path, tiny: TinyModel,
     plan = TimingPlan.for_calls(300, block=20, warmup=20)
     measurement = measure([OrtRunner("model", tiny.onnx, 1), OrtRunner("copy", copy, 1)], feeds, plan)
     assert set(measurement.timed) == {"model", "copy", "model (A/A copy)"}
-    assert all(len(t.blocks_ms) == plan.rounds and len(t.samples_ms) == plan.rounds * plan.block
+    assert all(len(t.blocks_ms) == plan.rounds and len(t.samples_ms) == plan.rounds * t.block
                for t in measurement.timed.values())
     ratio = measurement.speedup("model", "copy")
     assert ratio.low <= ratio.value <= ratio.high
@@ -57,9 +57,27 @@ def test_pytorch_and_onnx_runtime_in_their_own_blocks(tiny: TinyModel, val: Data
     assert measurement.rounds == 6
     # every block holds calls of one runner only, so a block's mean is that runner's alone
     for timed in measurement.timed.values():
-        assert np.allclose(timed.blocks_ms, np.asarray(timed.samples_ms).reshape(6, 5).mean(axis=1))
+        assert timed.block >= 1  # more calls per block for a fast model, fewer for a slow one
+        assert np.allclose(timed.blocks_ms, np.asarray(timed.samples_ms).reshape(6, timed.block).mean(axis=1))
     more = timer.run(rounds=4)
     assert more.rounds == 10 and len(more.timed["ort"].blocks_ms) == 10
+
+
+def test_slow_models_get_short_blocks_and_at_least_five_rounds(tiny: TinyModel, val: Dataset) -> None:
+    import time as clock
+
+    class Slow:
+        name, output_names = "slow", ["logits"]
+
+        def infer(self, feeds: dict) -> list:
+            clock.sleep(0.03)
+            return []
+
+    timer = Timer([Slow(), OrtRunner("fast", tiny.onnx, 1)], next(val.batches(1)),
+                  TimingPlan(rounds=20, block=10, warmup=2, block_seconds=0.05, max_seconds=0.01), control=False)
+    measurement = timer.run()
+    assert measurement.timed["slow"].block == 1 and measurement.timed["fast"].block >= 10
+    assert measurement.rounds == 5  # the time bound is long spent, yet an interval needs rounds
 
 
 def test_extending_stops_at_the_plans_bounds(tiny: TinyModel, val: Dataset) -> None:

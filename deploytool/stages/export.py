@@ -1,4 +1,4 @@
-"""export: PyTorch module -> checked ONNX file, dynamo exporter first, TorchScript as fallback."""
+"""export: PyTorch module -> checked ONNX file; dynamo exporter first, TorchScript when dynamo fails or its graph fails a check."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
-from deploytool.errors import StageError, first_line
+from deploytool.errors import StageError, UserError, first_line
 from deploytool.logs import captured, quiet
 from deploytool.recipe import ExportConfig, InputSpec
 from deploytool.runners import OrtRunner, TorchRunner
@@ -94,6 +94,37 @@ def _strip_trace_metadata(graph: onnx.GraphProto) -> None:
                 _strip_trace_metadata(subgraph)
 
 
+class _Rejected(Exception):
+    """An exporter's graph that fails a check: the reason is said, and the next exporter is tried."""
+
+
+def _validate(proto: onnx.ModelProto, model: torch.nn.Module, specs: Sequence[InputSpec], outputs: Sequence[str],
+              cfg: ExportConfig, sample: Dataset, folder: Path) -> float:
+    """onnx.checker, ONNX Runtime loading and running it, and its outputs against PyTorch's; the largest error."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise _Rejected(f"fails onnx.checker: {first_line(exc)}") from exc
+    path = folder / "candidate.onnx"
+    onnx.save(proto, str(path))
+    try:
+        got = OrtRunner("onnx", path, threads=1).infer(sample.feeds)
+    except Exception as exc:  # ORT raises its own exception types
+        raise _Rejected(f"ONNX Runtime cannot run it: {first_line(exc)[:200]}") from exc
+    expected = TorchRunner("torch", model, [s.name for s in specs], outputs).infer(sample.feeds)
+    worst = 0.0
+    for name, want, have in zip(outputs, expected, got):
+        if want.shape != have.shape:
+            raise _Rejected(f"output '{name}' has shape {list(have.shape)} in ONNX, {list(want.shape)} in PyTorch")
+        error = float(np.max(np.abs(want.astype(np.float64) - have.astype(np.float64)))) if want.size else 0.0
+        worst = max(worst, error)
+        if not np.allclose(have, want, atol=cfg.atol, rtol=cfg.rtol):
+            raise _Rejected(f"ONNX output '{name}' differs from PyTorch by up to {error:.3g} (atol {cfg.atol}, rtol {cfg.rtol})")
+    return worst
+
+
 def export_onnx(
     model: torch.nn.Module,
     specs: Sequence[InputSpec],
@@ -102,7 +133,9 @@ def export_onnx(
     sample: Dataset,
     out_path: Path,
 ) -> ExportRecord:
-    """Export, run onnx.checker, and check ONNX Runtime's outputs against PyTorch's on `sample`."""
+    """Export and accept the first exporter's graph that passes every check: onnx.checker, ONNX Runtime
+    running it, and its outputs against PyTorch's on `sample`. A graph that fails a check is not used:
+    the next exporter is tried, and the note says why."""
     import onnx
     import torch
 
@@ -112,40 +145,36 @@ def export_onnx(
         sample = Dataset(next(sample.batches(fixed, pad=True)), None, sample.source)  # exactly the fixed batch
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample.feeds[s.name])) for s in specs)
     attempts = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[cfg.exporter]
-    notes: list[str] = []
-    proto = None
-    for exporter in attempts:
-        try:
-            proto = _export_once(model, args, specs, outputs, cfg, dynamo=exporter == "dynamo")
-            break
-        except Exception as exc:
-            reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # torch colours some of its messages
-            log.debug("%s exporter failed", exporter, exc_info=True)
-            if exporter != attempts[-1]:
-                notes.append(f"the dynamo exporter failed ({reason[:200]}); fell back to the TorchScript exporter")
-                log.info(notes[-1])  # a note of the record: printed by the command, kept in the report
-                continue
-            raise StageError("export", f"torch.onnx.export ({exporter}) failed: {reason[:300]}") from exc
-    assert proto is not None
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise StageError("export", f"the exported model fails onnx.checker: {first_line(exc)}") from exc
-    with atomic_path(out_path) as tmp:
-        onnx.save(proto, str(tmp))
-        exported = OrtRunner("onnx", tmp, threads=1)
-        expected = TorchRunner("torch", model, [s.name for s in specs], outputs).infer(sample.feeds)
-        got = exported.infer(sample.feeds)
-        worst = 0.0
-        for name, want, have in zip(outputs, expected, got):
-            if want.shape != have.shape:
-                raise StageError("export", f"output '{name}' has shape {list(have.shape)} in ONNX, {list(want.shape)} in PyTorch")
-            worst = max(worst, float(np.max(np.abs(want - have))) if want.size else 0.0)
-            if not np.allclose(have, want, atol=cfg.atol, rtol=cfg.rtol):
-                raise StageError(
-                    "export",
-                    f"ONNX output '{name}' differs from PyTorch by up to {np.max(np.abs(want - have)):.3g} "
-                    f"(atol {cfg.atol}, rtol {cfg.rtol})",
-                )
-    exporter_used = "dynamo" if not notes and attempts[0] == "dynamo" else "torchscript"
-    return ExportRecord(exporter=exporter_used, opset=cfg.opset, max_abs_error=worst, notes=notes)
+    rejected: list[str] = []
+    accepted: tuple[str, onnx.ModelProto, float] | None = None
+    with tempfile.TemporaryDirectory(prefix="deploytool-export-check-") as tmp:
+        for exporter in attempts:
+            try:
+                proto = _export_once(model, args, specs, outputs, cfg, dynamo=exporter == "dynamo")
+                accepted = (exporter, proto, _validate(proto, model, specs, outputs, cfg, sample, Path(tmp)))
+                break
+            except UserError:
+                raise  # the model does not fit its description (e.g. the outputs named): no exporter can help
+            except _Rejected as exc:
+                log.debug("the %s exporter's graph was rejected", exporter, exc_info=True)
+                rejected.append(f"the {exporter} exporter's graph {exc}")
+            except Exception as exc:
+                # torch's exporter wraps the real failure in a generic "Failed to decompose ..." error: say the cause
+                cause: BaseException = exc
+                for _ in range(10):  # bounded: a cause chain could loop
+                    if cause.__cause__ is None:
+                        break
+                    cause = cause.__cause__
+                shown = first_line(exc) if cause is exc else f"{type(cause).__name__}: {first_line(cause)}"
+                reason = re.sub(r"\x1b\[[0-9;]*m", "", shown)  # torch colours some of its messages
+                log.debug("%s exporter failed", exporter, exc_info=True)
+                rejected.append(f"the {exporter} exporter failed ({reason[:200]})")
+            log.info(rejected[-1])
+    if accepted is None:
+        raise StageError("export", "; ".join(rejected)[:600],
+                         "the details are in run.log; [export] exporter or opset may choose another path")
+    exporter, proto, worst = accepted
+    notes = [f"{reason}; used the {exporter} exporter" for reason in rejected]
+    with atomic_path(out_path) as tmp_path:
+        onnx.save(proto, str(tmp_path))
+    return ExportRecord(exporter=exporter, opset=cfg.opset, max_abs_error=worst, notes=notes)

@@ -106,11 +106,14 @@ def as_candidate(item: Runner | Candidate) -> Candidate:
 
 
 def collect_outputs(runners: Sequence[Runner], dataset: Dataset, batch_size: int, progress: Progress) -> dict[str, list[np.ndarray]]:
-    """Every runner's outputs over the whole dataset."""
-    return {
-        r.name: infer_dataset(r, dataset, _batch_size(r, batch_size), pad=_fixed_batch(r) is not None)
-        for r in progress.track(runners, len(runners), "running validation data")
-    }
+    """Every runner's outputs over the whole dataset. An ONNX Runtime session is reopened after its pass: its
+    memory arena grew to the batch and would keep that memory through timing and localisation."""
+    outputs = {}
+    for runner in progress.track(runners, len(runners), "running validation data"):
+        outputs[runner.name] = infer_dataset(runner, dataset, _batch_size(runner, batch_size), pad=_fixed_batch(runner) is not None)
+        if isinstance(runner, OrtRunner):
+            runner.reopen()
+    return outputs
 
 
 def check_labels(dataset: Dataset, logits: np.ndarray, task: str) -> None:
@@ -196,7 +199,9 @@ def plan_of(cfg: VerifyConfig) -> TimingPlan:
 
 def time_models(runners: Sequence[Runner], dataset: Dataset, cfg: VerifyConfig, progress: Progress,
                 notes: list[str]) -> tuple[Timer | None, int]:
-    """A timer over the runners that run at the latency batch (the first one also timed as its own A/A copy)."""
+    """A timer over the runners that run at the latency batch. The A/A control copies the first ONNX model
+    (the one speed gates between ONNX models are decided against; PyTorch, often the slowest, is timed once),
+    else the first runner."""
     latency_batch = min(cfg.latency_batch, len(dataset))
     timeable = [r for r in runners if _timeable(r)]
     timed = [r for r in timeable if _batch_size(r, latency_batch) == latency_batch]
@@ -206,7 +211,8 @@ def time_models(runners: Sequence[Runner], dataset: Dataset, cfg: VerifyConfig, 
     if not timed:
         return None, latency_batch
     feeds = next(dataset.head(latency_batch).batches(latency_batch))
-    timer = Timer(timed, feeds, plan_of(cfg), control=True, progress=progress)
+    control = next((r.name for r in timed if isinstance(r, OrtRunner)), timed[0].name)
+    timer = Timer(timed, feeds, plan_of(cfg), control=control, progress=progress)
     timer.run()
     return timer, latency_batch
 
