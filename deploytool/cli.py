@@ -218,6 +218,8 @@ def model_options(func: Any) -> Any:
     options = [
         click.argument("checkpoint", required=False, type=click.Path(path_type=Path)),
         click.option("--factory", required=True, help="module:callable or path/to/file.py:callable building the model."),
+        click.option("--factory-arg", "factory_args", multiple=True, metavar="KEY=VALUE",
+                     help="Keyword argument for the factory, the value in TOML (depth=18, name=\"x\", sizes=[1,2]); repeatable."),
         click.option("--input", "inputs", required=True, multiple=True, metavar="NAME:DIMS[:DTYPE]",
                      help="Model input, e.g. image:batch,1,8,8:float32; repeatable."),
         click.option("--output-name", "outputs", required=True, multiple=True, help="Name of an output, in order; repeatable."),
@@ -229,15 +231,34 @@ def model_options(func: Any) -> Any:
     return func
 
 
+def _parse_factory_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """('depth=18', 'name=x') -> {'depth': 18, 'name': 'x'}; values are TOML, anything else is a string."""
+    from deploytool.recipe import parse_override
+
+    args: dict[str, Any] = {}
+    for text in pairs:
+        key, sep, _ = text.partition("=")
+        if not sep or not key.strip() or not key.strip().isidentifier():
+            raise UserError(f"--factory-arg {text!r}: expected KEY=VALUE with KEY a Python identifier",
+                            "example: --factory-arg num_classes=10")
+        args[key.strip()] = parse_override(text)[1]
+    return args
+
+
 def _model_from_options(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
-                        trust_checkpoint: bool = False) -> tuple[Any, Any]:
-    """(ModelConfig, loaded nn.Module) from the model options."""
+                        trust_checkpoint: bool = False, factory_args: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """(ModelConfig, loaded nn.Module) from the model options; what loading unwrapped is printed as notes."""
     from deploytool.recipe import ModelConfig
     from deploytool.stages.load import load_model
 
-    cfg = _validated(ModelConfig, factory=factory, checkpoint=str(checkpoint) if checkpoint else None,
+    cfg = _validated(ModelConfig, factory=factory, factory_args=_parse_factory_args(factory_args),
+                     checkpoint=str(checkpoint) if checkpoint else None,
                      inputs=[_parse_input(t) for t in inputs], outputs=list(outputs), trust_checkpoint=trust_checkpoint)
-    return cfg, load_model(factory, checkpoint, Path.cwd(), trust_checkpoint)
+    notes: list[str] = []
+    model = load_model(factory, checkpoint, Path.cwd(), trust_checkpoint, cfg.factory_args, notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    return cfg, model
 
 
 @cli.command()
@@ -248,8 +269,8 @@ def _model_from_options(checkpoint: Path | None, factory: str, inputs: tuple[str
 @click.option("--data", type=click.Path(path_type=Path), help="Sample inputs (.npz) for tracing and the numeric check.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Run onnxsim with a numeric check.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], trust_checkpoint: bool,
-           out: Path, opset: int, static_batch: bool, data: Path | None, simplify: bool, force: bool) -> None:
+def export(checkpoint: Path | None, factory: str, factory_args: tuple[str, ...], inputs: tuple[str, ...], outputs: tuple[str, ...],
+           trust_checkpoint: bool, out: Path, opset: int, static_batch: bool, data: Path | None, simplify: bool, force: bool) -> None:
     """Export a checkpoint (state_dict, or a pruned .safetensors) to a checked ONNX file."""
     import tempfile
 
@@ -258,7 +279,7 @@ def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outpu
 
     cfg = _validated(ExportConfig, opset=opset, dynamic_batch=not static_batch)
     _check_output(out, force, _size_of(checkpoint))
-    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
+    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint, factory_args)
     sample = _sample_for(model_cfg.inputs, data)
     if not simplify:
         record = export_onnx(model, model_cfg.inputs, model_cfg.outputs, cfg, sample, out)
@@ -289,7 +310,8 @@ def export(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outpu
 @click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="classification",
               show_default=True, help="How the scan scores: accuracy with labels, else output cosine.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...], trust_checkpoint: bool, out: Path,
+def prune_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ...], inputs: tuple[str, ...], outputs: tuple[str, ...],
+              trust_checkpoint: bool, out: Path,
               data: Path | None, method: str, ratio: float, importance: str, round_to: int, iterative_steps: int,
               ignore: tuple[str, ...], scan: bool, task: str, force: bool) -> None:
     """Prune a checkpoint; writes safetensors that reload with the same factory (no pickle)."""
@@ -300,7 +322,7 @@ def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], ou
     cfg = _validated(PruneConfig, method=method, ratio=ratio, importance=importance, round_to=round_to,
                      iterative_steps=iterative_steps, ignore=list(ignore), sensitivity=scan)
     _check_output(out, force, _size_of(checkpoint))
-    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
+    model_cfg, model = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint, factory_args)
     from deploytool.data import load_dataset, random_dataset
 
     dataset = load_dataset(data, model_cfg.inputs) if data else random_dataset(model_cfg.inputs, 32)
@@ -330,8 +352,8 @@ def prune_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], ou
 @click.option("--patience", type=int, help="Stop after this many epochs without improvement.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-def distill_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
-                trust_checkpoint: bool, student_checkpoint: Path | None, student_factory: str | None, train_data: Path, val_data: Path | None,
+def distill_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ...], inputs: tuple[str, ...],
+                outputs: tuple[str, ...], trust_checkpoint: bool, student_checkpoint: Path | None, student_factory: str | None, train_data: Path, val_data: Path | None,
                 out: Path, task: str, epochs: int, batch_size: int, lr: float, temperature: float, alpha: float,
                 patience: int | None, seed: int, force: bool) -> None:
     """Distill the model given by CHECKPOINT (teacher) into a student; runs data-parallel under torchrun."""
@@ -347,8 +369,9 @@ def distill_cmd(checkpoint: Path | None, factory: str, inputs: tuple[str, ...], 
     leader = world()[0] == 0
     if leader:
         _check_output(out, force, _size_of(student_checkpoint) or _size_of(checkpoint))
-    model_cfg, teacher = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint)
-    student = load_model(student_factory or factory, student_checkpoint, Path.cwd())
+    model_cfg, teacher = _model_from_options(checkpoint, factory, inputs, outputs, trust_checkpoint, factory_args)
+    student = load_model(student_factory or factory, student_checkpoint, Path.cwd(),
+                         factory_args=None if student_factory else model_cfg.factory_args)
     train = load_dataset(train_data, model_cfg.inputs)
     val = load_dataset(val_data, model_cfg.inputs) if val_data else train
     try:

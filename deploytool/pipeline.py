@@ -467,6 +467,7 @@ class _Inputs:
     validation: Any
     sample: Any
     hashes: dict[str, str | None]
+    notes: list[str] = field(default_factory=list)  # what loading the checkpoint unwrapped or stripped
 
 
 def _load(recipe: Recipe) -> _Inputs:
@@ -475,7 +476,9 @@ def _load(recipe: Recipe) -> _Inputs:
 
     specs = recipe.model.inputs
     checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint)
+    notes: list[str] = []
+    model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint,
+                       recipe.model.factory_args, notes)
     if recipe.model.trust_checkpoint:
         log.warning("trust_checkpoint is set: %s was unpickled without restrictions", checkpoint)
     calibration = validation = None
@@ -497,7 +500,7 @@ def _load(recipe: Recipe) -> _Inputs:
         "labels": recipe.data.labels,
         "task": recipe.data.task,
     }
-    return _Inputs(model, calibration, validation, sample, hashes)
+    return _Inputs(model, calibration, validation, sample, hashes, notes)
 
 
 def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tuple[Any, dict[str, str | None]]:
@@ -526,7 +529,7 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
                     return result.as_dict()
 
                 details = run.cached("prune", record, recipe.prune.model_dump(), identity, [path], compute)
-                final = load_model(recipe.model.factory, path, recipe.base_dir)
+                final = load_model(recipe.model.factory, path, recipe.base_dir, factory_args=recipe.model.factory_args)
                 identity = {**identity, "pruned": sha256(path)}
                 run.models["reference"]["macs"] = details.get("macs_before")
                 run.models["pruned"] = {**describe(path), "params": details["params_after"], "macs": details.get("macs_after")}
@@ -545,7 +548,8 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
             student = final
             student_checkpoint = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
             if cfg.student_factory or student_checkpoint:  # a student of its own (by default the model's factory)
-                student = load_model(cfg.student_factory or recipe.model.factory, student_checkpoint, recipe.base_dir)
+                student = load_model(cfg.student_factory or recipe.model.factory, student_checkpoint, recipe.base_dir,
+                                     factory_args=None if cfg.student_factory else recipe.model.factory_args)
             path = run.out_dir / "distilled.safetensors" if run else None
             trained: list[Any] = []
 
@@ -572,7 +576,9 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
             # a data-parallel run must not skip training while the other ranks wait for it
             details = compute() if world()[1] > 1 else run.cached("distill", record, cfg.model_dump(), inputs, [path], compute)
             assert path is not None
-            final = trained[0] if trained else load_model(cfg.student_factory or recipe.model.factory, path, recipe.base_dir)
+            final = trained[0] if trained else load_model(
+                cfg.student_factory or recipe.model.factory, path, recipe.base_dir,
+                factory_args=None if cfg.student_factory else recipe.model.factory_args)
             identity = {**identity, "distilled": sha256(path)}
             run.models["distilled"] = {**describe(path), "params": sum(p.numel() for p in final.parameters())}
             run.details["distill"] = details
@@ -595,6 +601,7 @@ def _execute(run: _Run) -> dict[str, Any]:
     specs, outputs = recipe.model.inputs, recipe.model.outputs
     with run.stage("load"):
         start = _load(recipe)
+        run.notes.extend(start.notes)
         example = tuple(torch.from_numpy(start.sample.feeds[s.name][:1]) for s in specs)
         macs, params = count_macs(start.model, example)
         checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
@@ -648,9 +655,18 @@ def _execute(run: _Run) -> dict[str, Any]:
             batch = 16 if recipe.export.dynamic_batch else 1
             cfg = recipe.quantize
             gates = recipe.verify.gates if recipe.verify else None
+            # the searches aim at what the verify stage will gate: for a classifier that includes top-1 agreement
+            # with the fp32 model (a default gate), and the SNR gate when one is named
+            from deploytool.gates import DEFAULT_MIN_TOP1_AGREEMENT
+
+            defaults = recipe.verify is not None and recipe.verify.default_gates
+            top1 = gates.min_top1_agreement if gates and gates.min_top1_agreement is not None else (
+                DEFAULT_MIN_TOP1_AGREEMENT if defaults and recipe.data.task == "classification" else None)
             targets = Targets(
                 min_cosine=cfg.min_cosine or (gates.min_cosine if gates and gates.min_cosine else 0.99),
                 max_accuracy_drop=cfg.max_accuracy_drop if cfg.max_accuracy_drop is not None else (gates.max_accuracy_drop if gates else None),
+                min_top1_agreement=top1,
+                **({"min_snr_db": gates.min_snr_db} if gates and gates.min_snr_db is not None else {}),
             )
             threads = recipe.verify.threads if recipe.verify else 2
             evaluation = start.validation or start.calibration

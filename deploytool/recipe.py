@@ -40,6 +40,8 @@ class InputSpec(Strict):
 
 class ModelConfig(Strict):
     factory: str = Field(description="module:callable or path/to/file.py:callable building the nn.Module")
+    factory_args: dict[str, Any] = Field(default_factory=dict,
+                                         description="keyword arguments the factory is called with (a TOML table)")
     checkpoint: str | None = Field(None, description="state_dict as .pt/.pth (loaded weights_only) or .safetensors")
     trust_checkpoint: bool = Field(False, description="allow unpickling arbitrary objects (a full module): runs code from the file")
     inputs: list[InputSpec] = Field(min_length=1)

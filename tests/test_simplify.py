@@ -98,3 +98,30 @@ def test_simplified_model_keeps_its_interface(tmp_path: Path) -> None:
     simplify_onnx(source, tmp_path / "out.onnx", SimplifyConfig(), sample(2))
     specs = input_specs(tmp_path / "out.onnx")
     assert specs == [InputSpec(name="x", shape=["batch", 4], dtype="float32")]
+
+
+def test_oversized_average_pool_becomes_global_average_pool(tmp_path: Path) -> None:
+    """EfficientNet's AvgPool2d(1280, ceil_mode=True) on a 7x7 map: a GlobalAveragePool after simplify, same outputs."""
+    import torch
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.pool = torch.nn.AvgPool2d(64, ceil_mode=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.conv(x)).flatten(1)
+
+    torch.manual_seed(0)
+    source = tmp_path / "pooled.onnx"
+    torch.onnx.export(Pooled().eval(), (torch.randn(2, 3, 7, 7),), str(source), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False, opset_version=18)
+    assert "AveragePool" in [n.op_type for n in onnx.load(str(source)).graph.node]
+    sample = Dataset({"x": np.random.default_rng(0).normal(size=(4, 3, 7, 7)).astype(np.float32)}, None, "random")
+    out = tmp_path / "simplified.onnx"
+    record = simplify_onnx(source, out, SimplifyConfig(), sample)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert record.simplified and "GlobalAveragePool" in ops and "AveragePool" not in ops, (record, ops)
+    assert any("GlobalAveragePool" in n for n in record.notes)
+    np.testing.assert_allclose(OrtRunner("s", out).infer(sample.feeds)[0], OrtRunner("o", source).infer(sample.feeds)[0], atol=1e-5)

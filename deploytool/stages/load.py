@@ -6,12 +6,15 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploytool.errors import UserError, first_line
+
+log = logging.getLogger("deploytool")
 
 if TYPE_CHECKING:
     import torch
@@ -112,11 +115,13 @@ def _unsafe_globals(names: list[str]) -> list[str]:
     return [n for n in names if n not in allowed and n.replace("__builtin__.", "builtins.", 1) not in allowed]
 
 
-def read_state_dict(path: Path, trust: bool = False) -> Mapping[str, torch.Tensor]:
+def read_state_dict(path: Path, trust: bool = False, notes: list[str] | None = None) -> Mapping[str, torch.Tensor]:
     """Tensors from .safetensors or a weights_only torch checkpoint; never runs pickled code unless `trust`.
 
     With `trust`, a pickled full module (its state_dict is taken) or a training checkpoint holding
-    other objects beside the weights also loads; unpickling such a file can run code from it."""
+    other objects beside the weights also loads; unpickling such a file can run code from it.
+    A training checkpoint's weights are taken from its 'state_dict' (or 'model_state_dict', 'model')
+    entry; `notes` gets a line saying so."""
     import torch
 
     if not path.exists():
@@ -157,6 +162,11 @@ def read_state_dict(path: Path, trust: bool = False) -> Mapping[str, torch.Tenso
         state = state.state_dict()
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            others = sorted(str(k) for k in state if k != key)
+            if notes is not None:
+                beside = f"; ignored beside it: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}" if others else ""
+                notes.append(f"checkpoint {path.name}: a training checkpoint (such as PyTorch Lightning's); "
+                             f"the weights were taken from its '{key}' entry{beside}")
             state = state[key]
             break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -205,18 +215,70 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     model.load_state_dict(state, strict=True)
 
 
-def load_model(factory: str, checkpoint: Path | None, base_dir: Path, trust: bool = False) -> torch.nn.Module:
+# prefixes that wrappers add to every key: DistributedDataParallel / DataParallel ('module.'), a
+# LightningModule holding the network as self.model ('model.'), torch.compile ('_orig_mod.')
+WRAPPER_PREFIXES = {"module.": "a DistributedDataParallel or DataParallel wrapper",
+                    "model.": "a training wrapper such as a LightningModule",
+                    "_orig_mod.": "torch.compile"}
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], own: set[str], source: str,
+                           notes: list[str] | None = None) -> Mapping[str, torch.Tensor]:
+    """The state_dict with wrapper prefixes ('module.', 'model.', '_orig_mod.') removed where that makes its
+    keys match the model's own keys better; each strip is noted (with the keys outside the prefix that were dropped)."""
+    for _ in range(len(WRAPPER_PREFIXES) + 1):  # nested wrappers, e.g. DDP around a LightningModule
+        matched = len(own.intersection(state))
+        if matched == len(own) and len(state) == len(own):
+            break
+        best: tuple[int, str, dict[str, Any]] | None = None
+        for prefix in WRAPPER_PREFIXES:
+            inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            score = len(own.intersection(inside))
+            if inside and score > matched and (best is None or score > best[0]):
+                best = (score, prefix, inside)
+        if best is None:
+            break
+        _, prefix, inside = best
+        dropped = sorted(k for k in state if not k.startswith(prefix))
+        if notes is not None:
+            extra = (f"; {len(dropped)} keys outside it were not loaded: {', '.join(dropped[:4])}"
+                     f"{' ...' if len(dropped) > 4 else ''}") if dropped else ""
+            notes.append(f"checkpoint {source}: stripped the prefix '{prefix}' from {len(inside)} keys "
+                         f"(saved from {WRAPPER_PREFIXES[prefix]}){extra}")
+        log.info("checkpoint %s: stripped the key prefix '%s'", source, prefix)
+        state = inside
+    return state
+
+
+def load_model(factory: str, checkpoint: Path | None, base_dir: Path, trust: bool = False,
+               factory_args: Mapping[str, Any] | None = None, notes: list[str] | None = None) -> torch.nn.Module:
+    """The factory's model (called with `factory_args` as keyword arguments) with the checkpoint's weights.
+
+    Checkpoints saved from wrappers (DDP's 'module.' prefix, a Lightning 'state_dict' with 'model.' keys)
+    load too; what was unwrapped or stripped is appended to `notes`."""
     import torch
 
     build = resolve_factory(factory, base_dir)
+    args = dict(factory_args or {})
     try:
-        model = build()
+        model = build(**args)
+    except TypeError as exc:
+        if args:
+            raise UserError(f"model factory '{factory}' does not accept the factory arguments "
+                            f"{', '.join(sorted(args))}: {exc}", "check [model] factory_args / --factory-arg") from None
+        raise UserError(f"model factory '{factory}' raised TypeError: {exc}") from None
     except Exception as exc:
         raise UserError(f"model factory '{factory}' raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
-        state = read_state_dict(checkpoint, trust)
+        found: list[str] = []
+        state = read_state_dict(checkpoint, trust, found)
+        state = strip_wrapper_prefixes(state, set(model.state_dict()), checkpoint.name, found)
+        for note in found:
+            log.info("%s", note)
+        if notes is not None:
+            notes.extend(found)
         sizes = read_layer_sizes(checkpoint)
         if sizes is not None:  # a pruned model: resize the factory's layers to the saved widths first
             from deploytool.stages.prune import apply_layer_sizes

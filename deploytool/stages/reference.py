@@ -37,7 +37,8 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
 
         recipe = load_recipe(reference)
         checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-        model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint)
+        model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint,
+                           recipe.model.factory_args)
         specs = recipe.model.inputs
         runner = TorchRunner("reference", model, [s.name for s in specs], recipe.model.outputs)
         if data is not None:
