@@ -1,20 +1,30 @@
 """quantize: ONNX Runtime static (calibrated) or dynamic int8 quantization, with CPU-aware defaults.
 
-Static quantization calibrates once (activation ranges are cached) and can then re-quantize
-cheaply, which is what the two searches build on:
-- automatic mixed precision: when the int8 model misses the accuracy targets, nodes are ranked
-  by how much quantizing each one alone costs, and the fewest most sensitive nodes are kept in
-  float (found by bisection) until the targets hold;
-- speed search: when the int8 model is slower than the fp32 one on this CPU, cheaper
+Static quantization calibrates once per float graph (activation ranges are cached) and then
+re-quantizes cheaply. With data to score on (the validation data of a run, else the calibration
+data) every choice below is measured against the fp32 model, on all the samples the verify stage
+gates on, with the targets the gates use (output cosine, SNR, top-1 agreement for classifiers,
+accuracy drop with labels):
+- cross-layer equalization and bias correction of Conv chains (deploytool.equalize), each kept only
+  when the quantized model scores better with it;
+- 8-bit weights layer by layer where 7-bit weights (reduce_range, the default on CPUs without int8
+  dot-product instructions) miss the targets: layers ranked by how much 8-bit weights lower their own
+  error, measured in one pass (deploytool.sensitivity); the fewest found by bisection; the speed of
+  the result checked against fp32;
+- automatic mixed precision (opt-in): the fewest most sensitive nodes kept in float until the targets
+  hold; nodes ranked by one pass of local errors, the count found by bisection (about log2(n) rounds);
+- speed search (opt-in): when the int8 model is slower than the fp32 one on this CPU, cheaper
   configurations are tried and the fastest that still meets the targets is kept.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +42,47 @@ log = logging.getLogger(__name__)
 
 # op types whose int8 kernels do the work; the sensitivity ranking considers these
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose", "Attention")
+HISTOGRAM_METHODS = ("entropy", "percentile")
+# bias correction: "measured" shifts (weights and input rounding, one pass of local errors) or "weights" (analytic)
+BIAS_SHIFTS = "measured"
 
 
 @dataclass
 class Targets:
-    """What a quantized model must keep, measured against the fp32 model it is made from."""
+    """What a quantized model must keep, measured against the fp32 model it is made from.
+
+    The verify stage's default gates for a quantized model are the same quantities: cosine, SNR and,
+    for classifiers, top-1 agreement with the fp32 model (no labels needed)."""
 
     min_cosine: float = 0.99
     max_accuracy_drop: float | None = None
+    min_top1_agreement: float | None = None
+    min_snr_db: float | None = 15.0
+
+    def with_margin(self, scored: int, total: int) -> Targets:
+        """Targets for scoring on `scored` of the `total` samples the gates use: shares of samples (top-1
+        agreement, accuracy) get a margin of two binomial standard errors, so that a subset that meets
+        them is unlikely to be followed by a full set that does not."""
+        if scored >= total:
+            return self
+
+        def margin(share: float) -> float:
+            return 2.0 * math.sqrt(max(share * (1.0 - share), 1.0 / scored) / scored)
+
+        top1 = self.min_top1_agreement
+        drop = self.max_accuracy_drop
+        return replace(self, min_top1_agreement=None if top1 is None else min(1.0, top1 + margin(top1)),
+                       max_accuracy_drop=None if drop is None else max(0.0, drop - margin(0.05)))
+
+    def describe(self) -> str:
+        parts = [f"cosine >= {self.min_cosine}"]
+        if self.min_snr_db is not None:
+            parts.append(f"SNR >= {self.min_snr_db} dB")
+        if self.min_top1_agreement is not None:
+            parts.append(f"top-1 agreement >= {self.min_top1_agreement:.4f}")
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_accuracy_drop:.4f}")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -50,6 +93,9 @@ class QuantizeRecord:
     preprocess: str = "skipped"
     optimize: str = "none"
     float_nodes: list[dict[str, object]] = field(default_factory=list)
+    layer_weights: list[dict[str, object]] = field(default_factory=list)
+    equalization: dict[str, object] = field(default_factory=dict)
+    bias_correction: dict[str, object] = field(default_factory=dict)
     attempts: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -113,18 +159,45 @@ def resolve_reduce_range(cfg: QuantizeConfig) -> tuple[bool, str]:
     return True, "auto: no VNNI/dot-product on this CPU, 7-bit weights avoid u8 x s8 saturation"
 
 
+def calibration_batching(samples: int, batch_size: int, method: str, fixed: int | None) -> tuple[int, bool]:
+    """(batch size, pad) for the calibration reader.
+
+    ONNX Runtime's entropy and percentile calibrators stack the batches of a chunk into one array, so
+    every batch must have the same size: the batch size becomes the largest divisor of the sample count
+    not above `batch_size` (when it is at least half of it), else the last batch is filled up by wrapping
+    around to the first samples (a few samples then count twice). A fixed batch axis always pads."""
+    if fixed is not None:
+        return fixed, True
+    if method not in HISTOGRAM_METHODS or samples % batch_size == 0:
+        return batch_size, False
+    divisor = max(d for d in range(1, min(batch_size, samples) + 1) if samples % d == 0)
+    if divisor * 2 >= min(batch_size, samples):
+        return divisor, False
+    return batch_size, True
+
+
+@dataclass(frozen=True)
+class _Float:
+    """A float graph to quantize and the calibration cache of its activation ranges."""
+
+    path: Path
+    cache: Path
+
+
 class _Quantizer:
-    """Quantizes one prepared model repeatedly with different node sets; static calibration runs once."""
+    """Quantizes prepared float models repeatedly with different node sets; each graph family is calibrated once."""
 
     def __init__(self, source: Path, cfg: QuantizeConfig, calibration: Dataset | None, batch_size: int,
                  folder: Path, progress: Progress) -> None:
         self.source, self.cfg, self.folder = source, cfg, folder
         self.reduce_range, self.reduce_range_reason = resolve_reduce_range(cfg)
-        self.cache = folder / "calibration.json"
+        self.base = _Float(source, folder / "calibration.json")
+        self.cache = self.base.cache
         self.calibration = calibration
         self.batch_size = batch_size
         self.progress = progress
         self.count = 0
+        self.calibration_batch: tuple[int, bool] | None = None
 
     def settings(self) -> dict[str, object]:
         cfg = self.cfg
@@ -138,9 +211,24 @@ class _Quantizer:
                             symmetric_activations=cfg.symmetric_activations, symmetric_weights=cfg.symmetric_weights)
         return settings
 
+    def _overrides(self, overrides: dict[str, dict[str, Any]] | None) -> dict[str, list[dict[str, Any]]]:
+        """ONNX Runtime's TensorQuantOverrides for per-weight quant_type/reduce_range (per-channel: axis 0, Conv)."""
+        from onnxruntime.quantization import QuantType
+
+        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        result: dict[str, list[dict[str, Any]]] = {}
+        for name, options in (overrides or {}).items():
+            entry: dict[str, Any] = {"quant_type": qtype[options["weight_type"]], "reduce_range": options["reduce_range"]}
+            if self.cfg.per_channel:
+                entry["axis"] = 0
+            result[name] = [entry]
+        return result
+
     def quantize(self, out: Path, exclude: list[str], op_types: list[str] | None = None, weight_type: str | None = None,
-                 only: list[str] | None = None) -> None:
-        """Quantize the prepared model into `out`, keeping `exclude` in float (or quantizing `only` these nodes)."""
+                 only: list[str] | None = None, model: _Float | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        """Quantize a prepared model (the base one unless `model` is given) into `out`, keeping `exclude` in float
+        (or quantizing `only` these nodes); `overrides`: {weight initializer: {weight_type, reduce_range}}."""
         from onnxruntime.quantization import (
             CalibrationMethod,
             QuantFormat,
@@ -150,6 +238,7 @@ class _Quantizer:
         )
 
         cfg = self.cfg
+        model = model or self.base
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         common: dict[str, Any] = {
             "per_channel": cfg.per_channel,
@@ -163,25 +252,27 @@ class _Quantizer:
         with quiet(None):  # the quantizer warns through the root logger, e.g. once per LayerNorm weight
             try:
                 if cfg.mode == "dynamic":
-                    quantize_dynamic(str(self.source), str(out), **common)
+                    quantize_dynamic(str(model.path), str(out), **common)
                     return
                 assert self.calibration is not None
-                fixed = _fixed_batch(self.source)
                 reader = None
-                if not self.cache.exists():  # the first call calibrates; later ones reuse the cached ranges
-                    bar = iter(self.progress.track(range(-(-len(self.calibration) // (fixed or self.batch_size))), None, "calibrating"))
-                    reader = CalibrationReader(self.calibration, fixed or self.batch_size, pad=fixed is not None,
-                                               on_batch=lambda: next(bar, None))
-                extra = {"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": cfg.symmetric_weights}
-                if reader is not None:
+                extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": cfg.symmetric_weights}
+                if not model.cache.exists():  # the first call calibrates; later ones reuse the cached ranges
+                    batch, pad = calibration_batching(len(self.calibration), self.batch_size, cfg.calibration_method,
+                                                      _fixed_batch(model.path))
+                    self.calibration_batch = (batch, pad)
+                    bar = iter(self.progress.track(range(-(-len(self.calibration) // batch)), None, "calibrating"))
+                    reader = CalibrationReader(self.calibration, batch, pad=pad, on_batch=lambda: next(bar, None))
                     extra["CalibStridedMinMax"] = reader.stride(cfg.calibration_chunk)
+                if overrides:
+                    extra["TensorQuantOverrides"] = self._overrides(overrides)
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
                 quantize_static(
-                    str(self.source), str(out), reader,
+                    str(model.path), str(out), reader,
                     quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
                     activation_type=qtype[cfg.activation_type], calibrate_method=method, extra_options=extra,
-                    calibration_cache_path=str(self.cache), **common,
+                    calibration_cache_path=str(model.cache), **common,
                 )
             except UserError:
                 raise
@@ -201,9 +292,11 @@ class _Judge:
         self.threads = threads
         runner = OrtRunner("fp32", fp32, threads)
         self.fixed = runner.batch_dim()  # a model with a fixed batch size takes exactly that many samples
-        self.reference = infer_dataset(runner, evaluation, self.fixed or 64, pad=self.fixed is not None)[0]
+        self.references = infer_dataset(runner, evaluation, self.fixed or 64, pad=self.fixed is not None)
+        self.reference = self.references[0]
         self.labels = evaluation.labels
         self.base_accuracy = self._accuracy(self.reference)
+        self.scores = 0
 
     def _accuracy(self, logits: np.ndarray) -> float | None:
         from deploytool.compare import accuracy
@@ -213,30 +306,55 @@ class _Judge:
         return accuracy(logits, self.labels)
 
     def score(self, path: Path) -> dict[str, Any]:
+        """cosine and SNR (the worst output), top-1 agreement (2-D first output), accuracy drop; whether the targets hold."""
         from deploytool.compare import compare_arrays
         from deploytool.runners import OrtRunner, infer_dataset
 
-        out = infer_dataset(OrtRunner("candidate", path, self.threads), self.evaluation, self.fixed or 64,
-                            pad=self.fixed is not None)[0]
-        cosine = float(compare_arrays(self.reference, out)["cosine_mean"])  # type: ignore[arg-type]
-        result: dict[str, Any] = {"cosine": round(cosine, 6)}
-        ok = cosine >= self.targets.min_cosine
+        self.scores += 1
+        outs = infer_dataset(OrtRunner("candidate", path, self.threads), self.evaluation, self.fixed or 64,
+                             pad=self.fixed is not None)
+        compared = [compare_arrays(ref, out) for ref, out in zip(self.references, outs, strict=True)]
+        cosine = min(float(c.get("cosine_mean", float("nan"))) for c in compared)  # type: ignore[arg-type]
+        snr = min(float(c.get("snr_db", float("nan"))) for c in compared)  # type: ignore[arg-type]
+        result: dict[str, Any] = {"cosine": round(cosine, 6), "snr_db": round(snr, 3) if math.isfinite(snr) else snr}
+        targets = self.targets
+        ok = cosine >= targets.min_cosine
+        if targets.min_snr_db is not None:
+            ok = ok and snr >= targets.min_snr_db
+        out = outs[0]
+        if out.ndim == 2 and out.shape[1] > 1 and out.shape == self.reference.shape:
+            result["top1_agreement"] = round(float((out.argmax(1) == self.reference.argmax(1)).mean()), 6)
+            if targets.min_top1_agreement is not None:
+                ok = ok and result["top1_agreement"] >= targets.min_top1_agreement
+        elif targets.min_top1_agreement is not None:
+            ok = False
         accuracy = self._accuracy(out)
         if accuracy is not None and self.base_accuracy is not None:
             result["accuracy_drop"] = round(self.base_accuracy - accuracy, 6)
-            ok = ok and result["accuracy_drop"] <= self.targets.max_accuracy_drop  # type: ignore[operator]
-        result["meets_targets"] = bool(ok)
+            ok = ok and result["accuracy_drop"] <= targets.max_accuracy_drop  # type: ignore[operator]
+        result["meets_targets"] = bool(ok and math.isfinite(cosine))
         return result
+
+    def rank(self, score: dict[str, Any]) -> tuple[float, ...]:
+        """Orders scores: meeting the targets first; among models that miss them, top-1 agreement (when it is a
+        target) first; then SNR, which measures every output value, not just a few answers near a boundary."""
+        meets = bool(score["meets_targets"])
+        top1 = float(score.get("top1_agreement", 0.0)) if self.targets.min_top1_agreement is not None and not meets else 0.0
+        snr = float(score.get("snr_db", -math.inf))
+        return (float(meets), top1, snr if math.isfinite(snr) or snr > 0 else -math.inf)
 
     def latency(self, paths: dict[str, Path], runs: int = 60) -> dict[str, float]:
         """Latency (ms, median of block means) of each model at batch 1, by the shared block method."""
+        return {name: timed.center_ms for name, timed in self.measure(paths, runs).timed.items()}
+
+    def measure(self, paths: dict[str, Path], runs: int = 60) -> Any:
+        """The shared block method (deploytool.latency) over `paths`, at batch 1 (or the fixed batch)."""
         from deploytool.latency import TimingPlan, measure
         from deploytool.runners import OrtRunner
 
         feeds = next(self.evaluation.batches(self.fixed or 1, pad=self.fixed is not None))
         runners = [OrtRunner(name, path, self.threads) for name, path in paths.items()]
-        measurement = measure(runners, feeds, TimingPlan.for_calls(runs, block=10, warmup=5), control=False)
-        return {name: timed.center_ms for name, timed in measurement.timed.items()}
+        return measure(runners, feeds, TimingPlan.for_calls(runs, block=10, warmup=5), control=False)
 
 
 def _compute_nodes(path: Path, op_types: list[str] | None) -> list[tuple[str, str]]:
@@ -247,53 +365,313 @@ def _compute_nodes(path: Path, op_types: list[str] | None) -> list[tuple[str, st
     return [(n.name, n.op_type) for n in model.graph.node if n.op_type in wanted and n.name]
 
 
-def _mixed_precision(quantizer: _Quantizer, judge: _Judge, out: Path, record: QuantizeRecord) -> dict[str, Any]:
-    """Keep the fewest most sensitive nodes in float so that `out` meets the targets; returns its score.
+@dataclass(frozen=True)
+class _Candidate:
+    """How one quantized model is made: which float graph, bias correction, 8-bit layers, float nodes."""
 
-    Sensitivity of a node = 1 - output cosine when only that node is quantized. With nodes sorted
-    by it, "the k most sensitive in float" passes from some k on; bisection finds the smallest k
-    with about log2(n) re-quantizations (calibration is not repeated)."""
-    nodes = [n for n in _compute_nodes(quantizer.source, quantizer.cfg.op_types) if n[0] not in quantizer.cfg.exclude_nodes]
-    trial = quantizer.folder / "trial.onnx"
-    sensitivity: list[tuple[float, int, str, str]] = []
-    for index, (name, op) in enumerate(quantizer.progress.track(nodes, len(nodes), "ranking node sensitivity")):
-        quantizer.quantize(trial, [], only=[name])
-        sensitivity.append((round(1.0 - judge.score(trial)["cosine"], 8), index, name, op))
-    ranked = sorted(sensitivity, key=lambda s: (-s[0], s[1]))  # ties keep graph order: deterministic
+    equalized: bool = False
+    corrected: bool = False
+    wide: tuple[str, ...] = ()  # Conv nodes whose weights get 8 bits where the rest get 7 (reduce_range)
+    float_nodes: tuple[str, ...] = ()
 
-    def attempt(k: int) -> dict[str, Any]:
-        quantizer.quantize(trial, [name for _, _, name, _ in ranked[:k]])
-        score = judge.score(trial)
-        record.attempts.append({"search": "mixed precision", "float_nodes": k, **score})
-        return score
+    def label(self) -> str:
+        parts = ["equalized" if self.equalized else "as exported"]
+        if self.corrected:
+            parts.append("bias corrected")
+        if self.wide:
+            parts.append(f"{len(self.wide)} layer(s) with 8-bit weights")
+        if self.float_nodes:
+            parts.append(f"{len(self.float_nodes)} node(s) in float")
+        return ", ".join(parts)
+
+
+class _Builder:
+    """Makes, scores and remembers candidates; the float graphs (as exported, equalized) and their statistics."""
+
+    def __init__(self, quantizer: _Quantizer, judge: _Judge, record: QuantizeRecord, threads: int) -> None:
+        import onnx
+
+        self.quantizer = quantizer
+        self.judge = judge
+        self.record = record
+        self.threads = threads
+        self.folder = quantizer.folder
+        self.models: dict[bool, Any] = {False: onnx.load(str(quantizer.source))}
+        self.floats: dict[bool, _Float] = {False: quantizer.base}
+        self.stats: dict[bool, Any] = {}
+        self.wide_options: dict[str, dict[str, Any]] = {}  # Conv node -> its 8-bit weight override
+        self.weight_of: dict[str, str] = {}  # Conv node -> weight initializer
+        self.scores: dict[_Candidate, dict[str, Any]] = {}
+        self.paths: dict[_Candidate, Path] = {}
+        self.corrections: dict[_Candidate, list[dict[str, object]]] = {}
+
+    def quantized_convs(self) -> list[str]:
+        """Conv nodes the configuration quantizes (their weights are constants)."""
+        cfg = self.quantizer.cfg
+        if cfg.op_types is not None and "Conv" not in cfg.op_types:
+            return []
+        model = self.models[False]
+        constants = {t.name for t in model.graph.initializer}
+        return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name and n.name not in cfg.exclude_nodes
+                and len(n.input) > 1 and n.input[1] in constants]
+
+    def path(self, candidate: _Candidate) -> Path:
+        """The quantized model of `candidate`, made once."""
+        if candidate in self.paths:
+            return self.paths[candidate]
+        import onnx
+
+        from deploytool.equalize import bias_correct, save
+
+        out = self.folder / f"candidate-{len(self.paths)}.onnx"
+        source = self.floats[candidate.equalized]
+        overrides = {self.weight_of[n]: self.wide_options[n] for n in candidate.wide}
+        self.quantizer.quantize(out, list(candidate.float_nodes), model=source, overrides=overrides)
+        if candidate.corrected:
+            model, quantized = self.models[candidate.equalized], onnx.load(str(out))
+            shifts = None
+            if BIAS_SHIFTS == "measured":
+                from deploytool.sensitivity import local_errors
+
+                assert self.quantizer.calibration is not None
+                fixed = _fixed_batch(self.quantizer.source)
+                errors = local_errors(model, quantized, self.quantizer.calibration, fixed or 64, fixed is not None,
+                                      self.threads, op_types=("Conv",))
+                shifts = {name: error.shift for name, error in errors.items() if error.shift is not None}
+            corrected, records = bias_correct(model, quantized, self.stats.get(candidate.equalized), self.threads, shifts)
+            float_path = save(corrected, self.folder / f"corrected-{len(self.paths)}.onnx")
+            self.quantizer.quantize(out, list(candidate.float_nodes), model=_Float(float_path, source.cache),
+                                    overrides=overrides)
+            self.corrections[candidate] = records
+        self.paths[candidate] = out
+        return out
+
+    def score(self, candidate: _Candidate, search: str, **details: object) -> dict[str, Any]:
+        if candidate not in self.scores:
+            self.scores[candidate] = self.judge.score(self.path(candidate))
+            self.record.attempts.append({"search": search, **details, "model": candidate.label(), **self.scores[candidate]})
+        return self.scores[candidate]
+
+    def best(self, candidates: list[_Candidate]) -> _Candidate:
+        """The best-scoring candidate; the earliest (simplest) one wins ties."""
+        return max(candidates, key=lambda c: self.judge.rank(self.scores[c]))
+
+
+def _improve(builder: _Builder, default: _Candidate) -> _Candidate:
+    """Cross-layer equalization and bias correction, each kept only where the scores say it helps."""
+    from deploytool.equalize import collect_statistics, conv_inputs, equalize, find_pairs, save
+
+    quantizer, record = builder.quantizer, builder.record
+    cfg = quantizer.cfg
+    assert quantizer.calibration is not None
+    model = builder.models[False]
+    convs = set(builder.quantized_convs())
+    pairs = [p for p in find_pairs(model) if {p.names[0], p.names[1]} <= convs] if cfg.equalize is not False else []
+    correct = cfg.bias_correction is not False and bool(convs)
+    if not pairs and not correct:
+        if cfg.equalize is not False:
+            record.equalization = {"applied": False, "why": "no Conv -> activation -> Conv chain to equalize"}
+        return default
+    fixed = _fixed_batch(quantizer.source)
+    stats = collect_statistics(model, quantizer.calibration, [p.tensor for p in pairs],
+                               conv_inputs(model, convs) if correct else [], fixed or 64, fixed is not None, builder.threads)
+    builder.stats[False] = stats
+    candidates = [default]
+    equalized = None
+    if pairs:
+        eq_stats = copy.deepcopy(stats)
+        equalized = equalize(model, pairs, eq_stats, per_channel=cfg.per_channel)
+        builder.models[True] = equalized.model
+        builder.floats[True] = _Float(save(equalized.model, quantizer.folder / "equalized.onnx"),
+                                      quantizer.folder / "calibration-equalized.json")
+        builder.stats[True] = eq_stats
+        candidate = _Candidate(equalized=True)
+        builder.score(candidate, "equalization", pairs=len(pairs), channels_scaled=equalized.scaled_channels)
+        candidates.append(candidate)
+    if correct:
+        for base in list(candidates):
+            candidate = replace(base, corrected=True)
+            builder.score(candidate, "bias correction")
+            candidates.append(candidate)
+    allowed = [c for c in candidates if (cfg.equalize != True or c.equalized or not pairs)  # noqa: E712
+               and (cfg.bias_correction != True or c.corrected)]  # noqa: E712
+    chosen = builder.best(allowed or candidates)
+    if pairs and equalized is not None:
+        how = "set in the recipe" if cfg.equalize is True else (
+            "scored better than without" if chosen.equalized else "did not score better, not used")
+        record.equalization = {"applied": chosen.equalized, "why": how, "pairs": equalized.pairs,
+                               "channels_scaled": equalized.scaled_channels,
+                               "method": "activation ranges" if cfg.per_channel else "weight ranges (data-free)"}
+    elif cfg.equalize is not False:
+        record.equalization = {"applied": False, "why": "no Conv -> activation -> Conv chain to equalize"}
+    if correct:
+        how = "set in the recipe" if cfg.bias_correction is True else (
+            "scored better than without" if chosen.corrected else "did not score better, not used")
+        layers = builder.corrections.get(replace(chosen, corrected=True), [])
+        record.bias_correction = {"applied": chosen.corrected, "why": how, "layers": len(layers),
+                                  "max_shift": max((float(r["max_shift"]) for r in layers), default=0.0)}  # type: ignore[arg-type]
+    applied = [name for name, used in (("cross-layer equalization", chosen.equalized), ("bias correction", chosen.corrected)) if used]
+    if applied:
+        record.notes.append(f"{' and '.join(applied)} kept: {_summary(builder.scores[default])} -> {_summary(builder.scores[chosen])}")
+    return chosen
+
+
+def _summary(score: dict[str, Any]) -> str:
+    parts = [f"cosine {score['cosine']:.4f}"]
+    if "top1_agreement" in score:
+        parts.append(f"top-1 agreement {score['top1_agreement']:.4f}")
+    if "snr_db" in score and math.isfinite(score["snr_db"]):
+        parts.append(f"SNR {score['snr_db']:.2f} dB")
+    return ", ".join(parts)
+
+
+def _layer_weights(builder: _Builder, current: _Candidate) -> _Candidate:
+    """Where 7-bit weights miss the targets: 8-bit weights on the fewest layers that gain most.
+
+    Depthwise convolutions get int8 weights without reduce_range (their kernels widen products to 16 bits
+    before adding, so full-range weights cannot saturate); other convolutions get uint8 weights (u8 x u8
+    kernels do not saturate either, but can be slower: the speed is checked)."""
+    import onnx
+
+    from deploytool.equalize import Graph, attribute, dequantized_weights
+    from deploytool.sensitivity import local_errors
+
+    quantizer, record = builder.quantizer, builder.record
+    model = builder.models[current.equalized]
+    graph = Graph(model)
+    convs = [n for n in model.graph.node if n.name in set(builder.quantized_convs()) and n.name not in current.float_nodes]
+    for node in convs:
+        weight = graph.initializers.get(node.input[1])
+        depthwise = weight is not None and weight.dims[1] == 1 and int(attribute(node, "group", 1)) > 1
+        builder.weight_of[node.name] = node.input[1]
+        builder.wide_options[node.name] = ({"weight_type": "int8", "reduce_range": False} if depthwise
+                                           else {"weight_type": "uint8", "reduce_range": False})
+    names = tuple(n.name for n in convs)
+    if not names:
+        return current
+    widest = replace(current, wide=names)
+    score = builder.score(widest, "layer weights", layers=len(names))
+    assert quantizer.calibration is not None
+    fixed = _fixed_batch(quantizer.source)
+    errors = local_errors(model, onnx.load(str(builder.path(current))), quantizer.calibration, fixed or 64, fixed is not None,
+                          builder.threads, alternative=dequantized_weights(onnx.load(str(builder.path(widest)))), op_types=("Conv",))
+    gains = {name: (e.weights - (e.alternative or 0.0)) / e.signal for name, e in errors.items()
+             if name in names and e.signal > 0 and e.alternative is not None}
+    order = {name: i for i, name in enumerate(names)}
+    ranked = sorted((n for n in names if gains.get(n, 0.0) > 0), key=lambda n: (-gains[n], order[n]))
+    if not score["meets_targets"]:  # 8 bits everywhere does not reach the targets: keep it only if it scores better
+        chosen = builder.best([current, widest])
+        if chosen == current:
+            record.notes.append("8-bit weights on every convolution did not score better than 7-bit weights: not used")
+            return current
+    elif ranked and builder.score(replace(current, wide=tuple(ranked)), "layer weights", layers=len(ranked))["meets_targets"]:
+        low, high = 0, len(ranked)  # k = 0 is known to fail, k = len(ranked) to pass
+        chosen = replace(current, wide=tuple(ranked))
+        while high - low > 1:
+            mid = (low + high) // 2
+            candidate = replace(current, wide=tuple(ranked[:mid]))
+            if builder.score(candidate, "layer weights", layers=mid)["meets_targets"]:
+                high, chosen = mid, candidate
+            else:
+                low = mid
+    else:  # the layers that gain by themselves are not enough: keep every layer at 8 bits
+        chosen = widest
+    chosen = _check_layer_speed(builder, current, chosen)
+    if chosen.wide:
+        why = {n: f"8-bit weights lower its own output error {_db(errors[n].weight_snr_db)} -> "
+                  f"{_db(errors[n].alternative_snr_db)} SNR" for n in chosen.wide if n in errors}
+        record.layer_weights = [{"node": n, **builder.wide_options[n], "why": why.get(n, "needed to meet the targets")}
+                                for n in chosen.wide]
+        elsewhere = " (7-bit elsewhere)" if len(chosen.wide) < len(names) else ""
+        record.notes.append(f"8-bit weights on {len(chosen.wide)} of {len(names)} convolutions{elsewhere}: "
+                            f"{_summary(builder.scores[current])} -> {_summary(builder.scores[chosen])}")
+    return chosen
+
+
+def _db(value: float | None) -> str:
+    return "n/a" if value is None else ("inf dB" if math.isinf(value) else f"{value:.1f} dB")
+
+
+def _check_layer_speed(builder: _Builder, uniform: _Candidate, chosen: _Candidate) -> _Candidate:
+    """Time fp32, the uniform 7-bit model and the chosen one by the shared block method; an int8 model decided
+    slower than fp32 where the uniform one is not is not kept."""
+    if not chosen.wide or chosen == uniform:
+        return chosen
+    judge = builder.judge
+    measurement = judge.measure({"fp32": judge.fp32, "7-bit weights": builder.path(uniform), "chosen": builder.path(chosen)})
+    mixed, flat = measurement.speedup("fp32", "chosen"), measurement.speedup("fp32", "7-bit weights")
+    builder.record.attempts.append({"search": "layer weights speed", "model": chosen.label(),
+                                    "speedup_vs_fp32": mixed.as_dict(), "uniform_speedup_vs_fp32": flat.as_dict()})
+    if mixed.decide(1.0) is False and flat.decide(1.0) is not False:
+        builder.record.notes.append(f"8-bit weights on some layers made int8 slower than fp32 here ({mixed}); kept 7-bit weights")
+        return uniform
+    return chosen
+
+
+def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
+    """Keep the fewest most sensitive nodes in float so that the model meets the targets.
+
+    Sensitivity of a node = the error its quantization adds at its own output (error over signal energy),
+    from one pass of local errors over the calibration data; with nodes sorted by it, "the k most
+    sensitive in float" passes from some k on, and bisection finds the smallest k in about log2(n) rounds."""
+    import onnx
+
+    from deploytool.sensitivity import local_errors
+
+    quantizer, record = builder.quantizer, builder.record
+    cfg = quantizer.cfg
+    nodes = [n for n in _compute_nodes(quantizer.source, cfg.op_types) if n[0] not in cfg.exclude_nodes
+             and n[0] not in current.float_nodes]
+    data = quantizer.calibration if quantizer.calibration is not None else builder.judge.evaluation
+    fixed = _fixed_batch(quantizer.source)
+    with quiet(None):
+        errors = local_errors(builder.models[current.equalized], onnx.load(str(builder.path(current))), data, fixed or 64,
+                              fixed is not None, builder.threads)
+    order = {name: i for i, (name, _) in enumerate(nodes)}
+    if any(n in errors for n, _ in nodes):
+        costs = {n: errors[n].noise if n in errors else 0.0 for n, _ in nodes}
+    else:  # no QDQ compute nodes to probe (dynamic or QOperator format): quantize one node at a time
+        costs = {}
+        trial = quantizer.folder / "trial.onnx"
+        for name, _ in quantizer.progress.track(nodes, len(nodes), "ranking node sensitivity"):
+            quantizer.quantize(trial, [], only=[name], model=builder.floats[current.equalized])
+            costs[name] = round(1.0 - builder.judge.score(trial)["cosine"], 8)
+    ranked = sorted(((costs[n], order[n], n, op) for n, op in nodes), key=lambda s: (-s[0], s[1]))
+
+    def attempt(k: int) -> tuple[_Candidate, dict[str, Any]]:
+        candidate = replace(current, float_nodes=current.float_nodes + tuple(n for _, _, n, _ in ranked[:k]))
+        return candidate, builder.score(candidate, "mixed precision", float_nodes=k)
 
     low, high = 0, len(ranked)  # k = 0 is known to fail
-    best = attempt(high)
-    if not best["meets_targets"]:
+    best, score = attempt(high)
+    if not score["meets_targets"]:
         record.notes.append("mixed precision: even with every compute node in float the targets are not met")
-        quantizer.quantize(out, [])
-        return judge.score(out)
+        return current
     while high - low > 1:
         mid = (low + high) // 2
-        score = attempt(mid)
+        candidate, score = attempt(mid)
         if score["meets_targets"]:
-            high, best = mid, score
+            high, best = mid, candidate
         else:
             low = mid
-    quantizer.quantize(out, [name for _, _, name, _ in ranked[:high]])
-    record.float_nodes = [
-        {"node": name, "op": op, "sensitivity": cost, "why": f"quantized alone, it lowers output cosine to {1 - cost:.5f}"}
-        for cost, _, name, op in ranked[:high]
-    ]
-    drop = f", accuracy drop {best['accuracy_drop']:.4f}" if "accuracy_drop" in best else ""
-    record.notes.append(f"mixed precision: {high} of {len(ranked)} compute nodes kept in float (cosine {best['cosine']:.4f}{drop})")
+    record.float_nodes = []
+    for cost, _, name, op in ranked[:high]:
+        error = errors.get(name)
+        why = (f"quantized alone, it lowers output cosine to {1 - cost:.5f}" if error is None else
+               f"quantized, it lowers output cosine to {error.cosine:.5f} at its own output (local SNR {_db(error.snr_db)}; "
+               "one-pass ranking)")
+        record.float_nodes.append({"node": name, "op": op, "sensitivity": round(cost, 8), "why": why})
+    final = builder.scores[best]
+    drop = f", accuracy drop {final['accuracy_drop']:.4f}" if "accuracy_drop" in final else ""
+    record.notes.append(f"mixed precision: {high} of {len(ranked)} compute nodes kept in float ({_summary(final)}{drop})")
     return best
 
 
-def _speed_search(quantizer: _Quantizer, judge: _Judge, out: Path, exclude: list[str], record: QuantizeRecord) -> None:
+def _speed_search(builder: _Builder, current: _Candidate, out: Path) -> None:
     """If `out` is slower than fp32 on this CPU, try cheaper configurations; keep the fastest that meets the targets.
 
     The choice depends on measured latency, so unlike everything else it can differ between runs."""
+    quantizer, judge, record = builder.quantizer, builder.judge, builder.record
     timings = judge.latency({"fp32": judge.fp32, "chosen": out})
     record.attempts.append({"search": "speed", "variant": "chosen", "p50_ms": round(timings["chosen"], 4),
                             "fp32_p50_ms": round(timings["fp32"], 4)})
@@ -306,11 +684,12 @@ def _speed_search(quantizer: _Quantizer, judge: _Judge, out: Path, exclude: list
     }
     present = {op for _, op in _compute_nodes(quantizer.source, None)}
     candidates = {"chosen": out}
+    source = builder.floats[current.equalized]
     for label, options in variants.items():
         if "op_types" in options and not present & set(options["op_types"]):
             continue
         path = quantizer.folder / f"variant-{len(candidates)}.onnx"
-        quantizer.quantize(path, exclude, **options)
+        quantizer.quantize(path, list(current.float_nodes), model=source, **options)
         score = judge.score(path)
         record.attempts.append({"search": "speed", "variant": label, **score})
         if score["meets_targets"]:
@@ -330,6 +709,12 @@ def _speed_search(quantizer: _Quantizer, judge: _Judge, out: Path, exclude: list
                             f"{timings['fp32']:.3f} ms p50)")
 
 
+def _improvements(cfg: QuantizeConfig) -> bool:
+    """Whether the static path measures equalization, bias correction or per-layer weights."""
+    return cfg.mode == "static" and (cfg.equalize is not False or cfg.bias_correction is not False
+                                     or cfg.layer_weights == "auto")
+
+
 def quantize_onnx(
     in_path: Path,
     out_path: Path,
@@ -341,7 +726,10 @@ def quantize_onnx(
     threads: int = 1,
     progress: Progress | None = None,
 ) -> QuantizeRecord:
-    """Quantize `in_path` into `out_path`; with `evaluation` data, mixed precision and speed search can run."""
+    """Quantize `in_path` into `out_path`.
+
+    Every measured choice scores against the fp32 model on `evaluation` (all of it unless
+    `search_samples` caps it; the calibration data when there is no evaluation data)."""
     progress = progress or Silent()
     targets = targets or Targets()
     notes: list[str] = []
@@ -349,7 +737,7 @@ def quantize_onnx(
         raise UserError("static quantization needs calibration data", "set [data] calibration, or quantize.mode = \"dynamic\"")
     if cfg.mode == "static" and cfg.calibration_samples is not None:
         calibration = calibration.head(cfg.calibration_samples)  # type: ignore[union-attr]
-    if (cfg.auto_mixed_precision or cfg.speed_search) and evaluation is None:
+    if (cfg.auto_mixed_precision or cfg.speed_search) and evaluation is None and calibration is None:
         raise UserError("[quantize] auto_mixed_precision and speed_search need validation or calibration data to score on")
     with tempfile.TemporaryDirectory(prefix="deploytool-quantize-") as tmp:
         folder = Path(tmp)
@@ -366,16 +754,55 @@ def quantize_onnx(
         record = QuantizeRecord(cfg.mode, quantizer.settings(), len(calibration) if cfg.mode == "static" else 0,  # type: ignore[arg-type]
                                 preprocess, optimize, notes=notes)
         draft = folder / "int8.onnx"
-        quantizer.quantize(draft, [])
-        if evaluation is not None and (cfg.auto_mixed_precision or cfg.speed_search):
-            judge = _Judge(in_path, evaluation.head(cfg.search_samples), targets, threads)
-            score = judge.score(draft)
-            record.attempts.append({"search": "default", **score})
-            if cfg.auto_mixed_precision and not score["meets_targets"]:
-                _mixed_precision(quantizer, judge, draft, record)
-            if cfg.speed_search:
-                _speed_search(quantizer, judge, draft, [str(n["node"]) for n in record.float_nodes], record)
+        data = evaluation if evaluation is not None else calibration
+        if data is None or not (_improvements(cfg) or cfg.auto_mixed_precision or cfg.speed_search):
+            quantizer.quantize(draft, [])
+        else:
+            _search(quantizer, record, data, in_path, targets, threads, draft, evaluation is None)
+        if quantizer.calibration_batch is not None and quantizer.calibration_batch[1] and cfg.calibration_method in HISTOGRAM_METHODS:
+            record.notes.append(f"{cfg.calibration_method} calibration: the last batch of {quantizer.calibration_batch[0]} was "
+                                "filled up with the first samples (the calibrator needs batches of one size)")
         record.settings["quantizations"] = quantizer.count
         with atomic_path(out_path) as final:
             shutil.copyfile(draft, final)
     return record
+
+
+def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: Path, targets: Targets, threads: int,
+            out: Path, on_calibration: bool) -> None:
+    """The measured path: score the default, then improve it step by step, and write the chosen model to `out`."""
+    cfg = quantizer.cfg
+    scored = data if cfg.search_samples is None else data.head(cfg.search_samples)
+    effective = targets.with_margin(len(scored), len(data))
+    if len(scored) < len(data):
+        record.notes.append(f"the searches scored on {len(scored)} of {len(data)} samples, with targets tightened "
+                            f"accordingly ({effective.describe()})")
+    if on_calibration:
+        record.notes.append("no evaluation data: choices were scored on the calibration data")
+    judge = _Judge(fp32, scored, effective, threads)
+    record.settings["targets"] = effective.describe()
+    record.settings["scored_samples"] = len(scored)
+    builder = _Builder(quantizer, judge, record, threads)
+    current = _Candidate()
+    builder.score(current, "default")
+    if _improvements(cfg):
+        try:
+            if cfg.equalize is not False or cfg.bias_correction is not False:
+                current = _improve(builder, current)
+            if cfg.layer_weights == "auto" and quantizer.reduce_range and cfg.mode == "static" \
+                    and not builder.scores[current]["meets_targets"]:
+                current = _layer_weights(builder, current)
+        except (UserError, StageError):
+            raise
+        except Exception as exc:  # an optional improvement never fails the stage
+            log.debug("quantization improvements failed", exc_info=True)
+            record.notes.append(f"equalization/bias correction/per-layer weights skipped: {first_line(exc)[:200]}")
+    if cfg.auto_mixed_precision and not builder.scores[current]["meets_targets"]:
+        current = _mixed_precision(builder, current)
+    shutil.copyfile(builder.path(current), out)
+    if cfg.speed_search:
+        _speed_search(builder, current, out)
+    final = builder.scores[current]
+    record.settings["chosen"] = current.label()
+    if not final["meets_targets"]:
+        record.notes.append(f"the int8 model misses the quantization targets ({effective.describe()}): {_summary(final)}")
