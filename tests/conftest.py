@@ -202,6 +202,15 @@ class CliRun:
         return json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
 
 
+def assert_user_error(result: CliRun, *fragments: str) -> None:
+    """Exit 2, an 'error:' line naming each fragment, no traceback, no uncaught exception."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None, repr(result.exception)
+    assert "error: " in result.stderr and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
 def invoke(*args: str | Path) -> CliRun:
     """Run the CLI in-process; exceptions are caught (and show up as a non-zero exit code)."""
     from click.testing import CliRunner

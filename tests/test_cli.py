@@ -16,19 +16,21 @@ import onnx
 import pytest
 import torch
 
-from conftest import DIGITS, DIGITS_RECIPE, ROOT, CliRun, TinyModel, damage, digits_recipe_text, save_npz, tiny_recipe_text
+from conftest import (
+    DIGITS,
+    DIGITS_RECIPE,
+    ROOT,
+    CliRun,
+    TinyModel,
+    assert_user_error,
+    damage,
+    digits_recipe_text,
+    save_npz,
+    tiny_recipe_text,
+)
 
 Cli = Callable[..., CliRun]
 ARTIFACTS = ("model.onnx", "model.int8.onnx", "report.json", "report.md")
-
-
-def assert_user_error(result: CliRun, *fragments: str) -> None:
-    """Exit 2, an 'error:' line naming each fragment, no traceback, no uncaught exception."""
-    assert result.exit_code == 2, result.output
-    assert result.exception is None, repr(result.exception)
-    assert "error: " in result.stderr and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 # run: the bundled recipe end to end (shared, run once per session)

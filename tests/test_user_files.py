@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DIGITS, ROOT, TINY_CNN, CliRun, TinyModel, tiny_recipe_text, write_module
+from conftest import DIGITS, ROOT, TINY_CNN, CliRun, TinyModel, assert_user_error, tiny_recipe_text, write_module
 
 Cli = Callable[..., CliRun]
 MARKER = ".deploytool-run.json"
@@ -38,15 +38,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     from deploytool.artifacts import sha256
 
     return {p.relative_to(folder).as_posix(): sha256(p) if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
-
-
-def assert_user_error(result: CliRun, *fragments: str) -> None:
-    """Exit 2, an 'error:' line naming each fragment, no traceback, no uncaught exception."""
-    assert result.exit_code == 2, result.output
-    assert result.exception is None, repr(result.exception)
-    assert "error: " in result.stderr and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 def assert_finished(result: CliRun) -> None:
