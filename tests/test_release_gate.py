@@ -229,3 +229,41 @@ def test_speed_gate_that_cannot_be_met_fails_with_its_interval(fp32: Path, tmp_p
     assert result.exit_code == 1, result.output
     gate = next(g for g in json.loads(path.read_text())["gates"] if g["name"] == "min_speedup")
     assert not gate["passed"] and gate["interval"][1] < 1.5
+
+
+def test_verify_and_bench_never_overwrite_without_force(fp32: Path, tmp_path: Path) -> None:
+    int8 = fp32.with_name("model.int8.onnx")
+    base = ["--data", DIGITS / "val.npz", "--runs", "5", "--no-memory", "--no-default-gates"]
+    for option, target in (("--json", tmp_path / "r.json"), ("--save-golden", tmp_path / "g.npz"),
+                           ("--junit", tmp_path / "g.xml")):
+        target.write_text("mine")
+        result = invoke("verify", fp32, int8, *base, option, target)
+        assert result.exit_code == 2 and "already exists" in result.output and "--force" in result.output, result.output
+        assert target.read_text() == "mine"  # untouched
+        assert invoke("verify", fp32, int8, *base, option, target, "--force").exit_code == 0
+        assert target.read_bytes() != b"mine"
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text("mine")
+    result = invoke("verify", fp32, int8, *base, "--report", report)
+    assert result.exit_code == 2 and "already holds report.json" in result.output
+    assert (report / "report.json").read_text() == "mine"
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text("mine")
+    result = invoke("bench", fp32, "--runs", "5", "--no-memory", "--json", bench_json)
+    assert result.exit_code == 2 and "already exists" in result.output and bench_json.read_text() == "mine"
+
+
+def test_bench_refuses_models_with_different_inputs(fp32: Path, tmp_path: Path) -> None:
+    import onnx
+
+    renamed = onnx.load(str(fp32))
+    old = renamed.graph.input[0].name
+    renamed.graph.input[0].name = "features"
+    for node in renamed.graph.node:
+        node.input[:] = ["features" if name == old else name for name in node.input]
+    other = tmp_path / "features.onnx"
+    onnx.save(renamed, str(other))
+    result = invoke("bench", fp32, other, "--runs", "5", "--no-memory")
+    assert result.exit_code == 2 and "differ" in result.output and "Traceback" not in result.output, result.output
+    assert "KeyError" not in result.output
