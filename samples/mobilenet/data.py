@@ -98,7 +98,7 @@ def degrade(images: np.ndarray, rng: np.random.Generator, size: int = SIZE) -> n
     sx = (np.cos(theta) * u + np.sin(theta) * v) / scale + centre
     sy = (-np.sin(theta) * u + np.cos(theta) * v) / scale + centre
     warped = _sample(big, sy, sx)
-    contrast = rng.uniform(0.5, 1.0, n)[:, None, None]
-    background = rng.uniform(0.0, 0.3, n)[:, None, None]
-    seen = background + contrast * warped + rng.normal(0.0, 0.08, warped.shape)
+    contrast = rng.uniform(0.2, 1.0, n)[:, None, None]
+    background = rng.uniform(0.0, 0.5, n)[:, None, None]
+    seen = background + contrast * warped + rng.normal(0.0, 0.25, warped.shape)
     return ((seen[:, None] - 0.5) / 0.5).astype(np.float32)

@@ -1,11 +1,11 @@
 """Train the digits MobileNet and write its checkpoint, deterministically.
 
-    python -m samples.mobilenet.train [--epochs 40] [--out samples/mobilenet/mobilenet.pt]
+    python -m samples.mobilenet.train [--epochs 20] [--out samples/mobilenet/mobilenet.pt]
 
 It trains on samples/digits/train.npz, degraded afresh every epoch as data.py describes (upscaled
-to 32x32, rotated, scaled, shifted, uneven contrast, noise), with Adam without weight decay and a
-one-cycle schedule: the usual recipe for a small classifier, and one that leaves BatchNorm scales
-(and so the folded per-channel weight ranges) free to spread out, as they do in pretrained edge CNNs.
+to 32x32, rotated, scaled, shifted, uneven contrast, heavy noise), with the classic recipe for
+small image classifiers: SGD with Nesterov momentum, weight decay 5e-4, a one-cycle schedule.
+Seeded and deterministic on the CPU (about 2 minutes on two cores).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def train(images: np.ndarray, labels: np.ndarray, epochs: int, log: bool = True,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "mobilenet.pt")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--lr", type=float, default=0.1)
