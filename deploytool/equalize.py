@@ -225,7 +225,7 @@ class Statistics:
             self.mean[tensor] = mean / scales.reshape(-1, *[1] * (mean.ndim - 1))
 
 
-def _per_sample_bytes(model: Any, names: Iterable[str]) -> int:
+def per_sample_bytes(model: Any, names: Iterable[str]) -> int:
     """Estimated bytes per sample of the tensors, from inferred shapes (unknown dimensions count as 1)."""
     import onnx
 
@@ -261,7 +261,7 @@ def run_exposed(model: Any, names: Sequence[str], dataset: Dataset, batch: int, 
         if name not in existing:
             exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     if not fixed:
-        per_sample = _per_sample_bytes(model, names) + extra_bytes
+        per_sample = per_sample_bytes(model, names) + extra_bytes
         batch = max(1, min(batch, BUDGET_BYTES // max(per_sample, 1)))
     options = session_options(threads)
     session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])

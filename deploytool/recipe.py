@@ -151,11 +151,12 @@ class QuantizeConfig(Strict):
     preprocess: bool = True
     symmetric_activations: bool = False
     symmetric_weights: bool = True
-    calibration_chunk: int = Field(8, ge=1, description="batches per calibration chunk: bounds calibration memory")
+    calibration_chunk: int = Field(8, ge=1, description="most batches per calibration chunk (also bounded by 512 MiB of activations)")
     optimize: Literal["none", "transformer"] = Field("none", description="ONNX Runtime transformer fusions before quantizing")
     num_heads: int = Field(0, ge=0, description="attention heads, for optimize = \"transformer\" (0: detect)")
     hidden_size: int = Field(0, ge=0, description="hidden size, for optimize = \"transformer\" (0: detect)")
-    auto_mixed_precision: bool = Field(False, description="keep the most sensitive nodes in float until the targets hold")
+    auto_mixed_precision: bool = Field(True, description="when the int8 model misses the targets, keep the fewest most "
+                                       "sensitive nodes in float until they hold")
     speed_search: bool = Field(False, description="when int8 is slower than fp32, try cheaper variants")
     min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description="target for the searches; default: [verify.gates] min_cosine or 0.99")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="target for the searches; default: [verify.gates]")
@@ -165,6 +166,14 @@ class QuantizeConfig(Strict):
                                              "when the quantized model scores better with it")
     bias_correction: bool | Literal["auto"] = Field("auto", description="correct biases for the shift weight quantization "
                                                     "causes; auto: kept when the quantized model scores better with it")
+    smooth_quant: bool | Literal["auto"] = Field("auto", description="SmoothQuant for activations with outlier channels "
+                                                 "read by MatMul/Gemm in transformer graphs; auto: tried when outlier "
+                                                 "channels are found and int8 misses the targets, kept when it scores better")
+    smooth_alpha: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="SmoothQuant migration "
+                                       "strength; default: the best of 0.5, 0.65 and 0.8")
+    dynamic_candidate: bool = Field(True, description="transformer graphs whose recipe names no op_types: also score "
+                                    "ONNX Runtime's dynamic int8 MatMuls and keep them when they meet the targets "
+                                    "faster or score better")
     layer_weights: Literal["auto", "uniform"] = Field("auto", description="auto: where 7-bit weights (reduce_range) miss "
                                                       "the targets, 8-bit weights on the layers that gain most")
 

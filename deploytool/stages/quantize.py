@@ -19,7 +19,6 @@ accuracy drop with labels):
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import shutil
@@ -43,8 +42,12 @@ log = logging.getLogger(__name__)
 # op types whose int8 kernels do the work; the sensitivity ranking considers these
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose", "Attention")
 HISTOGRAM_METHODS = ("entropy", "percentile")
-# bias correction: "measured" shifts (weights and input rounding, one pass of local errors) or "weights" (analytic)
-BIAS_SHIFTS = "measured"
+# what a transformer graph quantizes when the recipe names no op types
+TRANSFORMER_OPS = ("MatMul", "Gemm", "Conv")
+# activations held at once while calibrating (one chunk of batches): bounds calibration memory on large models
+CALIBRATION_BYTES = 512 * 2**20
+# SmoothQuant migration strengths tried when the recipe sets none
+SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
 
 
 @dataclass
@@ -96,6 +99,8 @@ class QuantizeRecord:
     layer_weights: list[dict[str, object]] = field(default_factory=list)
     equalization: dict[str, object] = field(default_factory=dict)
     bias_correction: dict[str, object] = field(default_factory=dict)
+    smoothing: dict[str, object] = field(default_factory=dict)
+    kept_float: list[dict[str, str]] = field(default_factory=list)  # protected nodes: side paths, extreme ranges
     attempts: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -140,6 +145,20 @@ def _optimize_transformer(in_path: Path, out_path: Path, cfg: QuantizeConfig, no
         notes.append(f"transformer optimization failed, quantized the unfused model ({first_line(exc)[:160]})")
         return "failed"
     return "transformer: " + (", ".join(f"{k} x{v}" for k, v in sorted(fused.items())) or "nothing fused")
+
+
+def _activation_bytes(path: Path) -> int:
+    """Estimated bytes of every float activation of one sample (what calibration collects), from inferred shapes."""
+    import onnx
+
+    from deploytool.equalize import per_sample_bytes
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = [o for n in model.graph.node for o in n.output]
+    try:
+        return max(1, per_sample_bytes(model, names))
+    except Exception:  # an estimate only
+        return 1
 
 
 def _fixed_batch(path: Path) -> int | None:
@@ -198,12 +217,20 @@ class _Quantizer:
         self.progress = progress
         self.count = 0
         self.calibration_batch: tuple[int, bool] | None = None
+        self.calibration_plan: dict[str, object] = {}
+        # nodes that stay in float whatever the search does, and why (side paths, extreme calibrated ranges)
+        self.protected: dict[str, str] = {}
+        self.op_types: list[str] | None = cfg.op_types  # what is quantized: the recipe's, or the transformer default
+        self.float_outputs: list[str] = []  # op types whose outputs stay float (int8 in, float out: MatMulIntegerToFloat)
+
+    def excluded(self, extra: list[str]) -> list[str]:
+        return list(dict.fromkeys([*self.cfg.exclude_nodes, *self.protected, *extra]))
 
     def settings(self) -> dict[str, object]:
         cfg = self.cfg
         settings: dict[str, object] = {
             "per_channel": cfg.per_channel, "weight_type": cfg.weight_type, "reduce_range": self.reduce_range,
-            "reduce_range_reason": self.reduce_range_reason, "op_types": cfg.op_types, "exclude_nodes": cfg.exclude_nodes,
+            "reduce_range_reason": self.reduce_range_reason, "op_types": self.op_types, "float_outputs": self.float_outputs, "exclude_nodes": cfg.exclude_nodes,
             "isa": cpu_info()["isa"],
         }
         if cfg.mode == "static":
@@ -226,7 +253,7 @@ class _Quantizer:
 
     def quantize(self, out: Path, exclude: list[str], op_types: list[str] | None = None, weight_type: str | None = None,
                  only: list[str] | None = None, model: _Float | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+                 overrides: dict[str, dict[str, Any]] | None = None, mode: str | None = None) -> None:
         """Quantize a prepared model (the base one unless `model` is given) into `out`, keeping `exclude` in float
         (or quantizing `only` these nodes); `overrides`: {weight initializer: {weight_type, reduce_range}}."""
         from onnxruntime.quantization import (
@@ -244,40 +271,93 @@ class _Quantizer:
             "per_channel": cfg.per_channel,
             "reduce_range": self.reduce_range,
             "weight_type": qtype[weight_type or cfg.weight_type],
-            "op_types_to_quantize": op_types if op_types is not None else cfg.op_types,
-            "nodes_to_exclude": [*cfg.exclude_nodes, *exclude],
+            "op_types_to_quantize": op_types if op_types is not None else self.op_types,
+            "nodes_to_exclude": self.excluded(exclude),
             "nodes_to_quantize": only,
         }
         self.count += 1
         with quiet(None):  # the quantizer warns through the root logger, e.g. once per LayerNorm weight
             try:
-                if cfg.mode == "dynamic":
+                if (mode or cfg.mode) == "dynamic":
+                    if mode == "dynamic":  # a candidate of the static search: ONNX Runtime's dynamic defaults elsewhere
+                        common.update(per_channel=False, op_types_to_quantize=["MatMul", "Gemm"])
                     quantize_dynamic(str(model.path), str(out), **common)
                     return
                 assert self.calibration is not None
                 reader = None
                 extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": cfg.symmetric_weights}
                 if not model.cache.exists():  # the first call calibrates; later ones reuse the cached ranges
-                    batch, pad = calibration_batching(len(self.calibration), self.batch_size, cfg.calibration_method,
-                                                      _fixed_batch(model.path))
+                    fixed = _fixed_batch(model.path)
+                    per_sample = _activation_bytes(model.path)
+                    wanted = self.batch_size if fixed else max(1, min(self.batch_size, CALIBRATION_BYTES // per_sample))
+                    batch, pad = calibration_batching(len(self.calibration), wanted, cfg.calibration_method, fixed)
                     self.calibration_batch = (batch, pad)
                     bar = iter(self.progress.track(range(-(-len(self.calibration) // batch)), None, "calibrating"))
                     reader = CalibrationReader(self.calibration, batch, pad=pad, on_batch=lambda: next(bar, None))
-                    extra["CalibStridedMinMax"] = reader.stride(cfg.calibration_chunk)
+                    # a chunk's activations are held until its ranges are merged: as many batches as fit the budget
+                    chunk = max(1, min(cfg.calibration_chunk, CALIBRATION_BYTES // max(per_sample * batch, 1)))
+                    extra["CalibStridedMinMax"] = reader.stride(chunk)
+                    self.calibration_plan = {"batch": batch, "batches_per_chunk": extra["CalibStridedMinMax"],
+                                             "activation_mib_per_sample": round(per_sample / 2**20, 2)}
                 if overrides:
                     extra["TensorQuantOverrides"] = self._overrides(overrides)
+                if self.float_outputs:
+                    extra["OpTypesToExcludeOutputQuantization"] = list(self.float_outputs)
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-                quantize_static(
-                    str(model.path), str(out), reader,
-                    quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
-                    activation_type=qtype[cfg.activation_type], calibrate_method=method, extra_options=extra,
-                    calibration_cache_path=str(model.cache), **common,
-                )
+
+                def run() -> None:
+                    quantize_static(
+                        str(model.path), str(out), reader,
+                        quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
+                        activation_type=qtype[cfg.activation_type], calibrate_method=method, extra_options=extra,
+                        calibration_cache_path=str(model.cache), **common,
+                    )
+
+                run()
+                if reader is not None and self._protect_extremes(model):  # ranges that 8 bits cannot hold
+                    common["nodes_to_exclude"] = self.excluded(exclude)
+                    run()
+                if cfg.format == "qdq":
+                    self._bypass(out, common["op_types_to_quantize"], common["nodes_to_exclude"])
             except UserError:
                 raise
             except Exception as exc:
                 raise StageError("quantize", f"onnxruntime {cfg.mode} quantization failed: {first_line(exc)[:300]}") from exc
+
+
+    @staticmethod
+    def _bypass(path: Path, op_types: list[str] | None, excluded: list[str]) -> None:
+        """Nodes that are not quantized read float tensors, not 8-bit copies (deploytool.transformer.float_bypass)."""
+        import onnx
+
+        from deploytool.transformer import drop_dead_qdq, float_bypass
+
+        skip = set(excluded)
+        types = set(op_types) if op_types is not None else None
+        model = onnx.load(str(path))
+        if float_bypass(model, lambda node: node.name not in skip and (types is None or node.op_type in types)):
+            drop_dead_qdq(model)
+            onnx.save(model, str(path))
+
+    def _protect_extremes(self, model: _Float) -> bool:
+        """Keep in float every node that reads or writes a tensor whose calibrated range is not finite or extreme
+        (see deploytool.transformer); True when that adds nodes."""
+        import onnx
+
+        from deploytool.transformer import EXTREME, calibrated_ranges, extreme_tensors, nodes_touching
+
+        extremes = extreme_tensors(calibrated_ranges(model.cache))
+        if not extremes:
+            return False
+        graph = onnx.load(str(model.path), load_external_data=False)
+        added = False
+        for node, tensor in nodes_touching(graph, extremes).items():
+            if node not in self.protected:
+                low, high = extremes[tensor]
+                self.protected[node] = f"{tensor} has a calibrated range [{low:.3g}, {high:.3g}] (|x| >= {EXTREME:g} or not finite)"
+                added = True
+        return added
 
 
 class _Judge:
@@ -335,11 +415,13 @@ class _Judge:
         result["meets_targets"] = bool(ok and math.isfinite(cosine))
         return result
 
-    def rank(self, score: dict[str, Any]) -> tuple[float, ...]:
+    def rank(self, score: dict[str, Any], by_snr: bool = False) -> tuple[float, ...]:
         """Orders scores: meeting the targets first; among models that miss them, top-1 agreement (when it is a
-        target) first; then SNR, which measures every output value, not just a few answers near a boundary."""
+        target, unless `by_snr`) first; then SNR, which measures every output value, not just a few answers near a
+        boundary."""
         meets = bool(score["meets_targets"])
-        top1 = float(score.get("top1_agreement", 0.0)) if self.targets.min_top1_agreement is not None and not meets else 0.0
+        top1 = float(score.get("top1_agreement", 0.0)) \
+            if self.targets.min_top1_agreement is not None and not meets and not by_snr else 0.0
         snr = float(score.get("snr_db", -math.inf))
         return (float(meets), top1, snr if math.isfinite(snr) or snr > 0 else -math.inf)
 
@@ -369,13 +451,20 @@ def _compute_nodes(path: Path, op_types: list[str] | None) -> list[tuple[str, st
 class _Candidate:
     """How one quantized model is made: which float graph, bias correction, 8-bit layers, float nodes."""
 
-    equalized: bool = False
+    graph: str = "exported"  # the float graph: "exported", "equalized" or "smoothed-<alpha>"
+    mode: str = "static"  # or "dynamic": activation ranges computed at run time (transformer MatMuls)
     corrected: bool = False
     wide: tuple[str, ...] = ()  # Conv nodes whose weights get 8 bits where the rest get 7 (reduce_range)
     float_nodes: tuple[str, ...] = ()
 
+    @property
+    def equalized(self) -> bool:
+        return self.graph == "equalized"
+
     def label(self) -> str:
-        parts = ["equalized" if self.equalized else "as exported"]
+        parts = ["as exported" if self.graph == "exported" else self.graph.replace("-", " alpha ")]
+        if self.mode == "dynamic":
+            parts.append("dynamic")
         if self.corrected:
             parts.append("bias corrected")
         if self.wide:
@@ -396,9 +485,8 @@ class _Builder:
         self.record = record
         self.threads = threads
         self.folder = quantizer.folder
-        self.models: dict[bool, Any] = {False: onnx.load(str(quantizer.source))}
-        self.floats: dict[bool, _Float] = {False: quantizer.base}
-        self.stats: dict[bool, Any] = {}
+        self.models: dict[str, Any] = {"exported": onnx.load(str(quantizer.source))}
+        self.floats: dict[str, _Float] = {"exported": quantizer.base}
         self.wide_options: dict[str, dict[str, Any]] = {}  # Conv node -> its 8-bit weight override
         self.weight_of: dict[str, str] = {}  # Conv node -> weight initializer
         self.scores: dict[_Candidate, dict[str, Any]] = {}
@@ -407,12 +495,12 @@ class _Builder:
 
     def quantized_convs(self) -> list[str]:
         """Conv nodes the configuration quantizes (their weights are constants)."""
-        cfg = self.quantizer.cfg
-        if cfg.op_types is not None and "Conv" not in cfg.op_types:
+        op_types = self.quantizer.op_types
+        if op_types is not None and "Conv" not in op_types:
             return []
-        model = self.models[False]
+        model = self.models["exported"]
         constants = {t.name for t in model.graph.initializer}
-        return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name and n.name not in cfg.exclude_nodes
+        return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name and n.name not in self.quantizer.excluded([])
                 and len(n.input) > 1 and n.input[1] in constants]
 
     def path(self, candidate: _Candidate) -> Path:
@@ -424,21 +512,22 @@ class _Builder:
         from deploytool.equalize import bias_correct, save
 
         out = self.folder / f"candidate-{len(self.paths)}.onnx"
-        source = self.floats[candidate.equalized]
+        source = self.floats[candidate.graph]
         overrides = {self.weight_of[n]: self.wide_options[n] for n in candidate.wide}
-        self.quantizer.quantize(out, list(candidate.float_nodes), model=source, overrides=overrides)
+        self.quantizer.quantize(out, list(candidate.float_nodes), model=source, overrides=overrides,
+                                mode="dynamic" if candidate.mode == "dynamic" else None)
         if candidate.corrected:
-            model, quantized = self.models[candidate.equalized], onnx.load(str(out))
-            shifts = None
-            if BIAS_SHIFTS == "measured":
-                from deploytool.sensitivity import local_errors
+            # the expected shift of each quantized convolution's output, measured in one pass over the calibration
+            # data: the part its weights cause (W_q - W) E[x], and the part the rounding of its input causes
+            from deploytool.sensitivity import local_errors
 
-                assert self.quantizer.calibration is not None
-                fixed = _fixed_batch(self.quantizer.source)
-                errors = local_errors(model, quantized, self.quantizer.calibration, fixed or 64, fixed is not None,
-                                      self.threads, op_types=("Conv",))
-                shifts = {name: error.shift for name, error in errors.items() if error.shift is not None}
-            corrected, records = bias_correct(model, quantized, self.stats.get(candidate.equalized), self.threads, shifts)
+            model, quantized = self.models[candidate.graph], onnx.load(str(out))
+            assert self.quantizer.calibration is not None
+            fixed = _fixed_batch(self.quantizer.source)
+            errors = local_errors(model, quantized, self.quantizer.calibration, fixed or 64, fixed is not None,
+                                  self.threads, op_types=("Conv",))
+            shifts = {name: error.shift for name, error in errors.items() if error.shift is not None}
+            corrected, records = bias_correct(model, quantized, None, self.threads, shifts)
             float_path = save(corrected, self.folder / f"corrected-{len(self.paths)}.onnx")
             self.quantizer.quantize(out, list(candidate.float_nodes), model=_Float(float_path, source.cache),
                                     overrides=overrides)
@@ -459,12 +548,12 @@ class _Builder:
 
 def _improve(builder: _Builder, default: _Candidate) -> _Candidate:
     """Cross-layer equalization and bias correction, each kept only where the scores say it helps."""
-    from deploytool.equalize import collect_statistics, conv_inputs, equalize, find_pairs, save
+    from deploytool.equalize import collect_statistics, equalize, find_pairs, save
 
     quantizer, record = builder.quantizer, builder.record
     cfg = quantizer.cfg
     assert quantizer.calibration is not None
-    model = builder.models[False]
+    model = builder.models[default.graph]
     convs = set(builder.quantized_convs())
     pairs = [p for p in find_pairs(model) if {p.names[0], p.names[1]} <= convs] if cfg.equalize is not False else []
     correct = cfg.bias_correction is not False and bool(convs)
@@ -472,20 +561,17 @@ def _improve(builder: _Builder, default: _Candidate) -> _Candidate:
         if cfg.equalize is not False:
             record.equalization = {"applied": False, "why": "no Conv -> activation -> Conv chain to equalize"}
         return default
-    fixed = _fixed_batch(quantizer.source)
-    stats = collect_statistics(model, quantizer.calibration, [p.tensor for p in pairs],
-                               conv_inputs(model, convs) if correct else [], fixed or 64, fixed is not None, builder.threads)
-    builder.stats[False] = stats
     candidates = [default]
     equalized = None
     if pairs:
-        eq_stats = copy.deepcopy(stats)
-        equalized = equalize(model, pairs, eq_stats, per_channel=cfg.per_channel)
-        builder.models[True] = equalized.model
-        builder.floats[True] = _Float(save(equalized.model, quantizer.folder / "equalized.onnx"),
+        fixed = _fixed_batch(quantizer.source)
+        stats = collect_statistics(model, quantizer.calibration, [p.tensor for p in pairs], [], fixed or 64,
+                                   fixed is not None, builder.threads)
+        equalized = equalize(model, pairs, stats, per_channel=cfg.per_channel)
+        builder.models["equalized"] = equalized.model
+        builder.floats["equalized"] = _Float(save(equalized.model, quantizer.folder / "equalized.onnx"),
                                       quantizer.folder / "calibration-equalized.json")
-        builder.stats[True] = eq_stats
-        candidate = _Candidate(equalized=True)
+        candidate = _Candidate(graph="equalized")
         builder.score(candidate, "equalization", pairs=len(pairs), channels_scaled=equalized.scaled_channels)
         candidates.append(candidate)
     if correct:
@@ -516,6 +602,95 @@ def _improve(builder: _Builder, default: _Candidate) -> _Candidate:
     return chosen
 
 
+def _smooth_quant(builder: _Builder, current: _Candidate) -> _Candidate:
+    """SmoothQuant (deploytool.transformer) on the activations with outlier channels that quantized MatMul/Gemm
+    nodes read; alpha from the recipe or searched, each smoothed graph calibrated and scored; kept when it scores
+    better (or when the recipe sets smooth_quant = true)."""
+    from deploytool.equalize import save
+    from deploytool.transformer import OUTLIER_RATIO, channel_absmax, outlier_ratio, smooth, smooth_targets
+
+    quantizer, record = builder.quantizer, builder.record
+    cfg = quantizer.cfg
+    model = builder.models[current.graph]
+    op_types = set(quantizer.op_types or COMPUTE_OPS)
+    excluded = set(quantizer.excluded(list(current.float_nodes)))
+    targets = []
+    for target in smooth_targets(model):
+        readers = [model.graph.node[i] for i in target.readers]
+        if any(r.op_type in op_types and r.name not in excluded for r in readers):
+            targets.append(target)
+    if not targets:
+        record.smoothing = {"applied": False, "why": "no quantized MatMul/Gemm reads an activation with constant weights"}
+        return current
+    data = quantizer.calibration if quantizer.calibration is not None else builder.judge.evaluation
+    fixed = _fixed_batch(quantizer.source)
+    absmax = channel_absmax(model, [t.tensor for t in targets], data, fixed or 64, fixed is not None, builder.threads)
+    ratios = {t.tensor: outlier_ratio(absmax[t.tensor]) for t in targets if t.tensor in absmax}
+    outliers = [t for t in targets if ratios.get(t.tensor, 1.0) >= OUTLIER_RATIO]
+    worst = max(ratios.values(), default=1.0)
+    if cfg.smooth_quant == "auto":
+        if not outliers:
+            record.smoothing = {"applied": False, "why": f"no outlier channels (largest channel / median channel at most "
+                                f"{worst:.1f}, below {OUTLIER_RATIO:g})"}
+            return current
+        if builder.scores[current]["meets_targets"]:
+            record.smoothing = {"applied": False, "why": "outlier channels found, but the int8 model already meets the targets"}
+            return current
+    chosen_targets = outliers if cfg.smooth_quant == "auto" else targets
+    alphas = [cfg.smooth_alpha] if cfg.smooth_alpha is not None else list(SMOOTH_ALPHAS)
+    candidates = [current]
+    details: dict[str, list[dict[str, object]]] = {}
+    for alpha in alphas:
+        smoothed = smooth(model, chosen_targets, absmax, alpha)
+        graph = f"smoothed-{alpha:g}"
+        builder.models[graph] = smoothed.model
+        builder.floats[graph] = _Float(save(smoothed.model, quantizer.folder / f"{graph}.onnx"),
+                                       quantizer.folder / f"calibration-{graph}.json")
+        candidate = replace(current, graph=graph)
+        builder.score(candidate, "smoothquant", alpha=alpha, tensors=len(smoothed.tensors))
+        details[graph] = smoothed.tensors
+        candidates.append(candidate)
+    allowed = candidates[1:] if cfg.smooth_quant is True else candidates
+    # the float graph is chosen by what meets the targets, then by SNR, which measures every output value
+    # (a few top-1 answers near a decision boundary flip either way with any change)
+    chosen = max(allowed, key=lambda c: builder.judge.rank(builder.scores[c], by_snr=True))
+    applied = chosen.graph != current.graph
+    why = "set in the recipe" if cfg.smooth_quant is True else (
+        "scored better than without" if applied else "did not score better, not used")
+    record.smoothing = {"applied": applied, "why": why, "alpha": float(chosen.graph.split("-")[1]) if applied else None,
+                        "alphas_tried": alphas, "largest_outlier_ratio": round(worst, 2),
+                        "tensors": details.get(chosen.graph, [])}
+    if applied:
+        record.notes.append(f"SmoothQuant (alpha {record.smoothing['alpha']:g}) on {len(details[chosen.graph])} activation(s) "
+                            f"with outlier channels kept: {_summary(builder.scores[current])} -> {_summary(builder.scores[chosen])}")
+    return chosen
+
+
+def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
+    """On a transformer, ONNX Runtime's dynamic int8 MatMuls (ranges measured per call, one fused kernel) can be
+    both more accurate and faster than static ones: score it on the same float graph; when both meet the targets,
+    keep the faster by the shared latency method; otherwise the better scoring one."""
+    record, judge = builder.record, builder.judge
+    dynamic = replace(current, mode="dynamic")
+    score = builder.score(dynamic, "dynamic MatMuls")
+    static_score = builder.scores[current]
+    if score["meets_targets"] and static_score["meets_targets"]:
+        timing = judge.measure({"static": builder.path(current), "dynamic": builder.path(dynamic)})
+        speedup = timing.speedup("static", "dynamic")
+        record.attempts.append({"search": "static or dynamic speed", "dynamic_vs_static": speedup.as_dict()})
+        faster = speedup.decide(1.0)  # True: dynamic faster on the interval; False: slower; None: not resolved
+        chosen = dynamic if faster is True else current if faster is False else builder.best([current, dynamic])
+        why = f"both meet the targets; dynamic runs {speedup} the static model's speed" + (
+            "" if faster is not None else ", not resolved: the better scoring one")
+    else:
+        chosen = builder.best([current, dynamic])
+        why = "scored better" if chosen is dynamic else "static scored better"
+    record.settings["activation_ranges"] = {"chosen": chosen.mode, "why": why}
+    if chosen is dynamic:
+        record.notes.append(f"dynamic int8 MatMuls chosen ({why}): {_summary(static_score)} -> {_summary(score)}")
+    return chosen
+
+
 def _summary(score: dict[str, Any]) -> str:
     parts = [f"cosine {score['cosine']:.4f}"]
     if "top1_agreement" in score:
@@ -537,7 +712,7 @@ def _layer_weights(builder: _Builder, current: _Candidate) -> _Candidate:
     from deploytool.sensitivity import local_errors
 
     quantizer, record = builder.quantizer, builder.record
-    model = builder.models[current.equalized]
+    model = builder.models[current.graph]
     graph = Graph(model)
     convs = [n for n in model.graph.node if n.name in set(builder.quantized_convs()) and n.name not in current.float_nodes]
     for node in convs:
@@ -619,13 +794,13 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     from deploytool.sensitivity import local_errors
 
     quantizer, record = builder.quantizer, builder.record
-    cfg = quantizer.cfg
-    nodes = [n for n in _compute_nodes(quantizer.source, cfg.op_types) if n[0] not in cfg.exclude_nodes
+    nodes = [n for n in _compute_nodes(quantizer.source, quantizer.op_types) if n[0] not in quantizer.excluded([])
              and n[0] not in current.float_nodes]
     data = quantizer.calibration if quantizer.calibration is not None else builder.judge.evaluation
     fixed = _fixed_batch(quantizer.source)
     with quiet(None):
-        errors = local_errors(builder.models[current.equalized], onnx.load(str(builder.path(current))), data, fixed or 64,
+        probe = replace(current, mode="static")  # a dynamic model has no Q/DQ to probe: its static twin ranks the nodes
+        errors = local_errors(builder.models[current.graph], onnx.load(str(builder.path(probe))), data, fixed or 64,
                               fixed is not None, builder.threads)
     order = {name: i for i, (name, _) in enumerate(nodes)}
     if any(n in errors for n, _ in nodes):
@@ -634,7 +809,7 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
         costs = {}
         trial = quantizer.folder / "trial.onnx"
         for name, _ in quantizer.progress.track(nodes, len(nodes), "ranking node sensitivity"):
-            quantizer.quantize(trial, [], only=[name], model=builder.floats[current.equalized])
+            quantizer.quantize(trial, [], only=[name], model=builder.floats[current.graph])
             costs[name] = round(1.0 - builder.judge.score(trial)["cosine"], 8)
     ranked = sorted(((costs[n], order[n], n, op) for n, op in nodes), key=lambda s: (-s[0], s[1]))
 
@@ -644,9 +819,23 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
 
     low, high = 0, len(ranked)  # k = 0 is known to fail
     best, score = attempt(high)
-    if not score["meets_targets"]:
-        record.notes.append("mixed precision: even with every compute node in float the targets are not met")
-        return current
+    computed = len(ranked)
+    if not score["meets_targets"]:  # the error is not (only) in the compute nodes: rank the other quantized nodes too
+        others = [] if current.mode == "dynamic" else \
+            _other_quantized_nodes(builder.path(current), {n for n, _ in nodes} | set(current.float_nodes))
+        if others:
+            with quiet(None):
+                extra = local_errors(builder.models[current.graph], onnx.load(str(builder.path(current))), data,
+                                     fixed or 64, fixed is not None, builder.threads, op_types=tuple({op for _, op in others}))
+            errors.update(extra)
+            start = len(order)
+            ranked += sorted(((extra[n].noise if n in extra else 0.0, start + i, n, op) for i, (n, op) in enumerate(others)),
+                             key=lambda s: (-s[0], s[1]))
+            low, high = computed, len(ranked)
+            best, score = attempt(high)
+        if not score["meets_targets"]:
+            record.notes.append("mixed precision: even with every compute node in float the targets are not met")
+            return current
     while high - low > 1:
         mid = (low + high) // 2
         candidate, score = attempt(mid)
@@ -654,6 +843,15 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
             high, best = mid, candidate
         else:
             low = mid
+    if high > computed:  # float beyond the compute nodes: worth it only if the model stays faster than fp32
+        judge = builder.judge
+        speedup = judge.measure({"fp32": judge.fp32, "mixed": builder.path(best)}).speedup("fp32", "mixed")
+        record.attempts.append({"search": "mixed precision speed", "float_nodes": high, "speedup_vs_fp32": speedup.as_dict()})
+        if speedup.decide(1.0) is not True:
+            record.notes.append(f"mixed precision: the targets hold only with all {computed} compute nodes and "
+                                f"{high - computed} other nodes in float, and that model is not faster than fp32 here "
+                                f"({speedup}): kept the int8 model")
+            return current
     record.float_nodes = []
     for cost, _, name, op in ranked[:high]:
         error = errors.get(name)
@@ -663,8 +861,21 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
         record.float_nodes.append({"node": name, "op": op, "sensitivity": round(cost, 8), "why": why})
     final = builder.scores[best]
     drop = f", accuracy drop {final['accuracy_drop']:.4f}" if "accuracy_drop" in final else ""
-    record.notes.append(f"mixed precision: {high} of {len(ranked)} compute nodes kept in float ({_summary(final)}{drop})")
+    kept = f"{high} of {computed} compute nodes" if high <= computed else \
+        f"all {computed} compute nodes and {high - computed} of {len(ranked) - computed} other quantized nodes"
+    record.notes.append(f"mixed precision: {kept} kept in float ({_summary(final)}{drop})")
     return best
+
+
+def _other_quantized_nodes(path: Path, known: set[str]) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes of a QDQ model, other than `known` ones, that read a dequantized tensor."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [(n.name, n.op_type) for n in model.graph.node
+            if n.name and n.name not in known and n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(i in dequantized for i in n.input)]
 
 
 def _speed_search(builder: _Builder, current: _Candidate, out: Path) -> None:
@@ -684,7 +895,7 @@ def _speed_search(builder: _Builder, current: _Candidate, out: Path) -> None:
     }
     present = {op for _, op in _compute_nodes(quantizer.source, None)}
     candidates = {"chosen": out}
-    source = builder.floats[current.equalized]
+    source = builder.floats[current.graph]
     for label, options in variants.items():
         if "op_types" in options and not present & set(options["op_types"]):
             continue
@@ -707,6 +918,31 @@ def _speed_search(builder: _Builder, current: _Candidate, out: Path) -> None:
     if timings[fastest] > timings["fp32"]:
         record.notes.append(f"speed search: no accurate int8 variant beats fp32 on this CPU ({timings[fastest]:.3f} vs "
                             f"{timings['fp32']:.3f} ms p50)")
+
+
+def _analyse(quantizer: _Quantizer, notes: list[str]) -> bool:
+    """Protect the side paths (attention mask, positions) from quantization and, for a transformer graph whose
+    recipe names no op types, quantize only the compute (MatMul/Gemm/Conv). True for a transformer graph."""
+    import onnx
+
+    from deploytool.transformer import is_transformer, side_paths
+
+    model = onnx.load(str(quantizer.source), load_external_data=False)
+    sides = side_paths(model)
+    protected = sides.excluded()
+    quantizer.protected.update(protected)
+    transformer = is_transformer(model)
+    if transformer and quantizer.cfg.op_types is None:
+        # int8 inputs and weights, float outputs: no second rounding of the outlier-heavy MatMul outputs (FFN, attention
+        # projections), and ONNX Runtime runs each as one integer MatMul that writes float
+        quantizer.op_types = list(TRANSFORMER_OPS)
+        quantizer.float_outputs = ["MatMul", "Gemm"]
+        notes.append(f"transformer graph: quantized the inputs of {', '.join(TRANSFORMER_OPS)} only, MatMul/Gemm outputs "
+                     "kept in float (elsewhere int8 only adds Q/DQ pairs)")
+    if protected:
+        notes.append(f"{len(protected)} node(s) on or reading the side paths of {', '.join(sorted(sides.inputs))} "
+                     "kept in float (quantization.kept_float)")
+    return transformer
 
 
 def _improvements(cfg: QuantizeConfig) -> bool:
@@ -737,7 +973,8 @@ def quantize_onnx(
         raise UserError("static quantization needs calibration data", "set [data] calibration, or quantize.mode = \"dynamic\"")
     if cfg.mode == "static" and cfg.calibration_samples is not None:
         calibration = calibration.head(cfg.calibration_samples)  # type: ignore[union-attr]
-    if (cfg.auto_mixed_precision or cfg.speed_search) and evaluation is None and calibration is None:
+    asked = cfg.speed_search or (cfg.auto_mixed_precision and "auto_mixed_precision" in cfg.model_fields_set)
+    if asked and evaluation is None and calibration is None:
         raise UserError("[quantize] auto_mixed_precision and speed_search need validation or calibration data to score on")
     with tempfile.TemporaryDirectory(prefix="deploytool-quantize-") as tmp:
         folder = Path(tmp)
@@ -751,6 +988,7 @@ def quantize_onnx(
             if preprocess != "failed":
                 source = folder / "prepared.onnx"
         quantizer = _Quantizer(source, cfg, calibration, batch_size, folder, progress)
+        transformer = _analyse(quantizer, notes)
         record = QuantizeRecord(cfg.mode, quantizer.settings(), len(calibration) if cfg.mode == "static" else 0,  # type: ignore[arg-type]
                                 preprocess, optimize, notes=notes)
         draft = folder / "int8.onnx"
@@ -758,18 +996,24 @@ def quantize_onnx(
         if data is None or not (_improvements(cfg) or cfg.auto_mixed_precision or cfg.speed_search):
             quantizer.quantize(draft, [])
         else:
-            _search(quantizer, record, data, in_path, targets, threads, draft, evaluation is None)
+            _search(quantizer, record, data, in_path, targets, threads, draft, evaluation is None, transformer)
+        record.kept_float = [{"node": node, "why": why} for node, why in quantizer.protected.items()]
+        if record.float_nodes:
+            names = ", ".join(f'"{n["node"]}"' for n in record.float_nodes)
+            record.notes.append(f"to keep the same nodes in float without searching: [quantize] exclude_nodes = [{names}]")
         if quantizer.calibration_batch is not None and quantizer.calibration_batch[1] and cfg.calibration_method in HISTOGRAM_METHODS:
             record.notes.append(f"{cfg.calibration_method} calibration: the last batch of {quantizer.calibration_batch[0]} was "
                                 "filled up with the first samples (the calibrator needs batches of one size)")
         record.settings["quantizations"] = quantizer.count
+        if quantizer.calibration_plan:
+            record.settings["calibration_plan"] = quantizer.calibration_plan
         with atomic_path(out_path) as final:
             shutil.copyfile(draft, final)
     return record
 
 
 def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: Path, targets: Targets, threads: int,
-            out: Path, on_calibration: bool) -> None:
+            out: Path, on_calibration: bool, transformer: bool = False) -> None:
     """The measured path: score the default, then improve it step by step, and write the chosen model to `out`."""
     cfg = quantizer.cfg
     scored = data if cfg.search_samples is None else data.head(cfg.search_samples)
@@ -785,7 +1029,11 @@ def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: 
     builder = _Builder(quantizer, judge, record, threads)
     current = _Candidate()
     builder.score(current, "default")
-    if _improvements(cfg):
+    if transformer and cfg.mode == "static" and cfg.dynamic_candidate and cfg.op_types is None:
+        current = _static_or_dynamic(builder, current)
+    if transformer and cfg.mode == "static" and cfg.smooth_quant is not False:
+        current = _smooth_quant(builder, current)
+    if _improvements(cfg) and current.mode == "static":
         try:
             if cfg.equalize is not False or cfg.bias_correction is not False:
                 current = _improve(builder, current)

@@ -171,6 +171,21 @@ def _localization_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str
     return ["model", "tensor", "name", "node", "op", "cosine"], rows
 
 
+def _attempt_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[str(a.get("search", "")), str(a.get("model", a.get("variant", ""))), _fmt(a.get("cosine"), 5),
+             _fmt(a.get("snr_db"), 2), _fmt(a.get("top1_agreement")), _fmt(a.get("accuracy_drop")),
+             "-" if "meets_targets" not in a else ("yes" if a["meets_targets"] else "no")]
+            for a in report["quantization"].get("attempts") or [] if isinstance(a, dict) and "cosine" in a]
+    return ["search", "model", "cosine", "SNR dB", "top-1 agree", "accuracy drop", "meets targets"], rows
+
+
+def _float_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    q = report["quantization"]
+    rows = [[str(k.get("node")), "always (kept_float)", str(k.get("why"))] for k in q.get("kept_float") or []]
+    rows += [[str(n.get("node")), "search (float_nodes)", str(n.get("why"))] for n in q.get("float_nodes") or []]
+    return ["node", "kept in float by", "why"], rows
+
+
 def _guarded(title: str, build: Any, report: dict[str, Any]) -> tuple[str, tuple[list[str], list[list[str]]]]:
     """A section, or a one-row note when its data is malformed: a report always renders."""
     try:
@@ -190,6 +205,11 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[l
                                      lambda r: sensitivity_rows(r["prune"]["sensitivity"]), report))
     if report.get("distill"):
         sections.append(_guarded("Distillation", _distill_rows, report))
+    quantization = report.get("quantization")
+    if isinstance(quantization, dict) and quantization.get("attempts"):
+        sections.append(_guarded("Quantization attempts (scored against fp32)", _attempt_rows, report))
+    if isinstance(quantization, dict) and (quantization.get("kept_float") or quantization.get("float_nodes")):
+        sections.append(_guarded("Nodes kept in float", _float_rows, report))
     if any(isinstance(w, dict) and (w.get("first") or w.get("worst")) for w in (report.get("localization") or {}).values()):
         sections.append(_guarded("Where outputs diverge", _localization_rows, report))
     return sections
