@@ -93,7 +93,8 @@ def torch_dynamic_int8(recipe: Recipe, model: torch.nn.Module, folder: Path) -> 
 
 
 def plain_export(recipe: Recipe, model: torch.nn.Module, sample: Dataset, folder: Path) -> Path:
-    """torch.onnx.export with the default exporter and a dynamic batch axis: no simplification, no checks."""
+    """torch.onnx.export with the default exporter and a dynamic batch axis, no simplification; when ONNX Runtime
+    cannot load that graph (dynamo's can break SSA on some models), the TorchScript exporter, as a user would."""
     import numpy as np
     import torch
 
@@ -102,11 +103,21 @@ def plain_export(recipe: Recipe, model: torch.nn.Module, sample: Dataset, folder
     axes = {n: {0: "batch"} for n in [*names, *recipe.model.outputs]}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    with quiet():
-        torch.onnx.export(
-            model, args, str(path), input_names=names, output_names=recipe.model.outputs,
-            dynamic_axes=axes, opset_version=recipe.export.opset, verbose=False,
-        )
+    for dynamo in (None, False):  # None: torch's default exporter
+        options = {} if dynamo is None else {"dynamo": dynamo}
+        with quiet():
+            torch.onnx.export(
+                model, args, str(path), input_names=names, output_names=recipe.model.outputs,
+                dynamic_axes=axes, opset_version=recipe.export.opset, verbose=False, **options,
+            )
+        try:
+            import onnxruntime as ort
+
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            break
+        except Exception:  # the default exporter's graph does not load: the TorchScript one is what a user falls back to
+            if dynamo is False:
+                raise
     return path
 
 
