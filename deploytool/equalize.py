@@ -274,8 +274,9 @@ def run_exposed(model: Any, names: Sequence[str], dataset: Dataset, batch: int, 
 
 
 def collect_statistics(model: Any, dataset: Dataset, absmax: Sequence[str], mean: Sequence[str], batch: int,
-                       fixed: bool, threads: int = 1) -> Statistics:
-    """Per-channel absolute maxima of `absmax` tensors and per-position means of `mean` tensors over `dataset`."""
+                       fixed: bool, threads: int = 1, channel_axis: int = 1) -> Statistics:
+    """Per-channel absolute maxima of `absmax` tensors (channels on `channel_axis`: 1 for convolutions, -1 for
+    the hidden size of a transformer) and per-position means of `mean` tensors over `dataset`."""
     stats = Statistics()
     sums: dict[str, np.ndarray] = {}
     names = list(dict.fromkeys([*absmax, *mean]))
@@ -287,7 +288,8 @@ def collect_statistics(model: Any, dataset: Dataset, absmax: Sequence[str], mean
             array = arrays[name]
             if array.ndim < 2:
                 continue
-            channel = np.abs(array).max(axis=tuple(a for a in range(array.ndim) if a != 1))
+            axis = channel_axis % array.ndim
+            channel = np.abs(array).max(axis=tuple(a for a in range(array.ndim) if a != axis))
             stats.absmax[name] = np.maximum(stats.absmax.get(name, 0.0), channel.astype(np.float64))
         for name in mean:
             total = arrays[name].astype(np.float64).sum(axis=0)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from deploytool.data import Dataset
-from deploytool.equalize import Graph, run_exposed
+from deploytool.equalize import Graph
 
 # a calibrated range reaching this magnitude is a sentinel (mask constants), not a signal to quantize
 EXTREME = 1e4
@@ -179,14 +179,9 @@ def smooth_targets(model: Any) -> list[SmoothTarget]:
 def channel_absmax(model: Any, tensors: Sequence[str], dataset: Dataset, batch: int, fixed: bool,
                    threads: int = 1) -> dict[str, np.ndarray]:
     """max |x| per channel (the last axis) of each tensor over the data."""
-    absmax: dict[str, np.ndarray] = {}
-    for _, arrays in run_exposed(model, tensors, dataset, batch, fixed, threads):
-        for name, array in arrays.items():
-            if array.ndim < 1 or array.size == 0:
-                continue
-            channel = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0).astype(np.float64)
-            absmax[name] = np.maximum(absmax[name], channel) if name in absmax else channel
-    return absmax
+    from deploytool.equalize import collect_statistics
+
+    return collect_statistics(model, dataset, tensors, [], batch, fixed, threads, channel_axis=-1).absmax
 
 
 def outlier_ratio(absmax: np.ndarray) -> float:

@@ -502,7 +502,8 @@ class _Builder:
             return []
         model = self.models["exported"]
         constants = {t.name for t in model.graph.initializer}
-        return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name and n.name not in self.quantizer.excluded([])
+        excluded = set(self.quantizer.excluded([]))
+        return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name and n.name not in excluded
                 and len(n.input) > 1 and n.input[1] in constants]
 
     def path(self, candidate: _Candidate) -> Path:
@@ -803,7 +804,8 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     from deploytool.sensitivity import local_errors
 
     quantizer, record = builder.quantizer, builder.record
-    nodes = [n for n in _compute_nodes(builder.floats[current.graph].path, quantizer.op_types) if n[0] not in quantizer.excluded([])
+    excluded = set(quantizer.excluded([]))
+    nodes = [n for n in _compute_nodes(builder.floats[current.graph].path, quantizer.op_types) if n[0] not in excluded
              and n[0] not in current.float_nodes]
     data = quantizer.calibration if quantizer.calibration is not None else builder.judge.evaluation
     fixed = _fixed_batch(quantizer.source)
