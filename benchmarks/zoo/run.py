@@ -261,6 +261,11 @@ def verdict(result: Result) -> tuple[str, str]:
                 undecided = ci[0] < threshold <= ci[1]
                 interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" + (", undecided within the noise" if undecided else "")
             reasons.append(f"{gate['model']} {gate['name']} {shown}{interval} (needs {threshold})")
+        floor = _int8(result.report).get("input_rounding_floor")
+        if isinstance(floor, dict):
+            from deploytool.floor import describe
+
+            reasons.append(f"the fp32 model alone on int8-rounded inputs: {describe(floor)}")
         return "FAILED", "; ".join(reasons)
     line = next((ln for ln in result.tail.splitlines() if ln.startswith("error")), result.tail.splitlines()[-1] if result.tail else "")
     return f"ERROR (exit {result.returncode})", line.replace("|", "\\|")[:300]
@@ -286,6 +291,9 @@ def render(results: Sequence[Result], machine: dict[str, Any], seconds: float, s
         "whole process tree sampled from /proc every 100 ms; metrics and stage times from its `report.json`. "
         "int8/fp32 is `metrics.int8.speedup_vs_fp32` (fp32 latency / int8 latency at batch 1, block-timed) with its "
         "95 % interval.",
+        "- **fp32 on int8-rounded input:** for an int8 model that fails a quality gate, the fp32 model run on inputs rounded "
+        "as the int8 model rounds them (`metrics.int8.input_rounding_floor`): where it is below the gates, the model itself "
+        "is that sensitive to 8-bit rounding, whatever the quantizer does.",
         "",
     ]
     passed = [r for r in results if verdict(r)[0] == "PASSED"]
@@ -295,7 +303,7 @@ def render(results: Sequence[Result], machine: dict[str, Any], seconds: float, s
             "models ran (this machine is shared): wall times grow with that share, memory and accuracy do not.") if shares else ""
     lines += [f"**{len(passed)} of {len(results)} models pass ({rate:.0%})**; the zoo took {seconds / 60:.1f} minutes.{load}", ""]
     header = ["model", "architecture", "exporter", "nodes exported → simplified", "int8 cosine", "int8 top-1",
-              "int8/fp32 [95 % CI]", "peak RSS (during)", "load / export / simplify / quantize / verify (s)", "exit", "verdict"]
+              "fp32 on int8-rounded input: cosine / top-1", "int8/fp32 [95 % CI]", "peak RSS (during)", "load / export / simplify / quantize / verify (s)", "exit", "verdict"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         report, int8 = result.report or {}, _int8(result.report)
@@ -307,8 +315,11 @@ def render(results: Sequence[Result], machine: dict[str, Any], seconds: float, s
         stages = " / ".join(_fmt(_stage_seconds(report, s), 1) for s in ("load", "export", "simplify", "quantize", "verify"))
         top1 = _fmt(against.get("top1_agreement")) if result.entry.task == "classification" else "n/a"
         code = "killed" if result.returncode is None else str(result.returncode)
+        floor = int8.get("input_rounding_floor")
+        rounded = "-" if not isinstance(floor, dict) else \
+            f"{_fmt(floor.get('cosine'))} / {_fmt(floor.get('top1_agreement')) if result.entry.task == 'classification' else 'n/a'}"
         lines.append(" | ".join(["", f"`{result.entry.name}`", result.entry.title, export.get("exporter", "-"), nodes,
-                                 _fmt(against.get("cosine_mean")), top1, speed,
+                                 _fmt(against.get("cosine_mean")), top1, rounded, speed,
                                  f"{result.peak_rss / 2**30:.2f} GB" + (f" ({result.peak_stage})" if result.peak_stage else ""), stages,
                                  code, verdict(result)[0], ""]).strip())
     failing = [(r, *verdict(r)) for r in results if verdict(r)[0] != "PASSED"]

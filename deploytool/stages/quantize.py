@@ -101,6 +101,7 @@ class QuantizeRecord:
     bias_correction: dict[str, object] = field(default_factory=dict)
     smoothing: dict[str, object] = field(default_factory=dict)
     kept_float: list[dict[str, str]] = field(default_factory=list)  # protected nodes: side paths, extreme ranges
+    input_floor: dict[str, object] = field(default_factory=dict)  # the fp32 model on int8-rounded inputs (deploytool.floor)
     attempts: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -388,12 +389,34 @@ class _Judge:
 
     def score(self, path: Path) -> dict[str, Any]:
         """cosine and SNR (the worst output), top-1 agreement (2-D first output), accuracy drop; whether the targets hold."""
-        from deploytool.compare import compare_arrays
         from deploytool.runners import OrtRunner, infer_dataset
 
         self.scores += 1
-        outs = infer_dataset(OrtRunner("candidate", path, self.threads), self.evaluation, self.fixed or 64,
-                             pad=self.fixed is not None)
+        return self.grade(infer_dataset(OrtRunner("candidate", path, self.threads), self.evaluation, self.fixed or 64,
+                                        pad=self.fixed is not None))
+
+    def floor(self, path: Path) -> dict[str, Any] | None:
+        """The fp32 model scored on inputs rounded as the quantized model at `path` rounds them (deploytool.floor);
+        None when that model rounds no float input (dynamic, QOperator, integer inputs)."""
+        import onnx
+
+        from deploytool.floor import RoundedInputs, input_rounding, input_snr_db
+        from deploytool.runners import OrtRunner, infer_dataset
+
+        rounding = input_rounding(onnx.load(str(path), load_external_data=False))
+        if not rounding:
+            return None
+        runner = RoundedInputs(OrtRunner("fp32", self.fp32, self.threads), rounding)
+        result = self.grade(infer_dataset(runner, self.evaluation, self.fixed or 64, pad=self.fixed is not None))
+        snr = input_snr_db(self.evaluation.feeds, rounding)
+        if snr is not None and math.isfinite(snr):
+            result["input_snr_db"] = round(snr, 2)
+        return result
+
+    def grade(self, outs: list[np.ndarray]) -> dict[str, Any]:
+        """The scores of outputs against the fp32 model's."""
+        from deploytool.compare import compare_arrays
+
         compared = [compare_arrays(ref, out) for ref, out in zip(self.references, outs, strict=True)]
         cosine = min(float(c.get("cosine_mean", float("nan"))) for c in compared)  # type: ignore[arg-type]
         snr = min(float(c.get("snr_db", float("nan"))) for c in compared)  # type: ignore[arg-type]
@@ -699,6 +722,26 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
     if chosen is dynamic:
         record.notes.append(f"dynamic int8 MatMuls chosen ({why}): {_summary(static_score)} -> {_summary(score)}")
     return chosen
+
+
+def _input_floor_misses(builder: _Builder, default: _Candidate) -> bool:
+    """Whether the fp32 model itself, on inputs rounded as the int8 model rounds them, misses the targets. Then
+    no model that quantizes its input can meet them, and the searches (which quantize more or fewer nodes behind
+    that input) are skipped: the model is this sensitive, whatever the quantizer does."""
+    floor = builder.judge.floor(builder.path(default))
+    if floor is None:
+        return False
+    builder.record.input_floor = floor
+    builder.record.attempts.append({"search": "input rounding floor", "model": "fp32 on int8-rounded inputs", **floor})
+    if floor["meets_targets"]:
+        return False
+    snr = f" (input SNR {floor['input_snr_db']:.1f} dB)" if "input_snr_db" in floor else ""
+    builder.record.notes.append(
+        f"the fp32 model alone, on its inputs rounded to the int8 model's input step{snr}, already misses the "
+        f"quantization targets: {_summary(floor)} (int8: {_summary(builder.scores[default])}). The model is this "
+        "sensitive to 8-bit rounding (random or barely trained weights, near-tied classes): equalization, "
+        "per-layer weights and mixed precision were skipped")
+    return True
 
 
 def _summary(score: dict[str, Any]) -> str:
@@ -1042,11 +1085,12 @@ def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: 
     builder = _Builder(quantizer, judge, record, threads)
     current = _Candidate()
     builder.score(current, "default")
+    futile = not builder.scores[current]["meets_targets"] and _input_floor_misses(builder, current)
     if transformer and cfg.mode == "static" and cfg.dynamic_candidate and cfg.op_types is None:
         current = _static_or_dynamic(builder, current)
-    if transformer and cfg.mode == "static" and cfg.smooth_quant is not False:
+    if transformer and cfg.mode == "static" and cfg.smooth_quant is not False and not futile:
         current = _smooth_quant(builder, current)
-    if _improvements(cfg) and current.mode == "static":
+    if _improvements(cfg) and current.mode == "static" and not futile:
         try:
             if cfg.equalize is not False or cfg.bias_correction is not False:
                 current = _improve(builder, current)
@@ -1058,7 +1102,7 @@ def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: 
         except Exception as exc:  # an optional improvement never fails the stage
             log.debug("quantization improvements failed", exc_info=True)
             record.notes.append(f"equalization/bias correction/per-layer weights skipped: {first_line(exc)[:200]}")
-    if cfg.auto_mixed_precision and not builder.scores[current]["meets_targets"]:
+    if cfg.auto_mixed_precision and not builder.scores[current]["meets_targets"] and not futile:
         current = _mixed_precision(builder, current)
     shutil.copyfile(builder.path(current), out)
     if cfg.speed_search:

@@ -456,15 +456,18 @@ def verify_and_explain(
     result = verify_models(reference, chosen, dataset, task, cfg, sizes, progress, extras, ort_baseline, speed_gate)
     if golden is not None:
         save_golden(golden, dataset, reference.output_names, result.outputs[reference.name], reference.name)
+    failed = {g.model for g in result.failed if g.name not in SPEED_GATES}  # a slow model has nothing to localise
+    notes = list(result.notes)
+    for c in chosen:
+        if c.name in failed and c.kind == "quantized":
+            notes.extend(_input_floor(c, runners, reference, result, dataset, task, cfg))
     result.outputs = {}  # the comparison is done: free the outputs before localisation needs memory
     first = next(iter(runners.values()), None)
     feeds = _probe_batch(first, dataset, cfg.latency_batch)
     if cfg.memory:
         for name, path in [*((c.name, c.path) for c in candidates), *extra]:
             result.metrics[name]["peak_memory_bytes"] = session_peak_bytes(path, feeds, cfg.threads)
-    failed = {g.model for g in result.failed if g.name not in SPEED_GATES}  # a slow model has nothing to localise
     threshold = cfg.gates.min_cosine or 0.99
-    notes = list(result.notes)
     localization: dict[str, dict[str, object]] = {}
     for name, base, path in localize_pairs:
         if always_localize or name in failed:
@@ -485,6 +488,43 @@ def verify_and_explain(
         "localization": localization,
         "notes": notes,
     }
+
+
+def _input_floor(candidate: Candidate, runners: Mapping[str, OrtRunner], reference: Runner, result: VerifyResult,
+                 dataset: Dataset, task: str, cfg: VerifyConfig) -> list[str]:
+    """For a quantized candidate that failed a quality gate: its float base model (or the reference) run on inputs
+    rounded as the candidate rounds them (deploytool.floor), scored like the candidate; recorded in its metrics
+    as `input_rounding_floor`, with a note when that rounding alone already costs what the gates allow."""
+    import onnx
+
+    from deploytool.floor import RoundedInputs, describe, input_rounding, input_snr_db
+
+    assert isinstance(candidate.runner, OrtRunner)
+    rounding = input_rounding(onnx.load(str(candidate.runner.path), load_external_data=False))
+    base = runners.get(candidate.base or "") or reference
+    if not rounding or base.name not in result.outputs:
+        return []
+    with torch_threads(cfg.threads):
+        rounded = infer_dataset(RoundedInputs(base, rounding), dataset, _batch_size(base, cfg.batch_size),
+                                pad=_fixed_batch(base) is not None) if isinstance(base, OrtRunner) else \
+            infer_dataset(RoundedInputs(base, rounding), dataset, cfg.batch_size)
+    compared = compare_outputs(base.output_names, result.outputs[base.name], rounded, task, None)
+    floor: dict[str, object] = {"against": base.name, "cosine": compared.get("cosine_mean"), "snr_db": compared.get("snr_db")}
+    if "top1_agreement" in compared:
+        floor["top1_agreement"] = compared["top1_agreement"]
+    snr = input_snr_db(dataset.feeds, rounding)
+    if snr is not None and math.isfinite(snr):
+        floor["input_snr_db"] = round(snr, 2)
+    result.metrics[candidate.name]["input_rounding_floor"] = floor
+    gates = {g.name: g.threshold for g in result.gates if g.model == candidate.name}
+    misses = [label for key, gate, label in (("cosine", "min_cosine", "cosine"), ("top1_agreement", "min_top1_agreement", "top-1 agreement"),
+                                            ("snr_db", "min_snr_db", "SNR"))
+              if gate in gates and isinstance(value := floor.get(key), float) and value < gates[gate]]
+    if not misses:
+        return []
+    return [f"{candidate.name}: its float model alone, on inputs rounded to {candidate.name}'s input step, already scores "
+            f"{describe(floor)} against {base.name}: below the gates on {', '.join(misses)}. The model is this sensitive to "
+            "8-bit rounding of its input (random or barely trained weights, near-tied classes), not only to the quantizer"]
 
 
 def _number(value: object, digits: int = 4) -> str:
