@@ -23,6 +23,22 @@ class Runner(Protocol):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
+def keyword_inputs(model: torch.nn.Module, input_names: Sequence[str]) -> bool:
+    """Whether forward() names every input but takes them in another order than the recipe lists them (e.g. a
+    transformers decoder's forward(input_ids, past_key_values, attention_mask, ...)): then it is called by keyword."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not set(input_names) <= named:
+        return False
+    positional = [p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD][: len(input_names)]
+    return positional != list(input_names)
+
+
 class TorchRunner:
     """Eager PyTorch; forward(*inputs) in the order of the input specs."""
 
@@ -33,6 +49,7 @@ class TorchRunner:
         self.input_names = list(input_names)
         self.names = None if output_names is None else list(output_names)
         self.output_names = self.names or []
+        self.by_keyword = keyword_inputs(self.model, self.input_names)
 
     def twin(self, name: str) -> TorchRunner:
         """Another runner over the same module (the A/A control of the latency method)."""
@@ -41,8 +58,9 @@ class TorchRunner:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names}
         with torch.inference_mode():
-            result = self.model(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names))
+            result = self.model(**tensors) if self.by_keyword else self.model(*tensors.values())
         return [t.detach().numpy() for t in flatten_outputs(result, self.names)]
 
 

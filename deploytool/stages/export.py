@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from deploytool.data import Dataset
 from deploytool.errors import StageError, UserError, first_line
 from deploytool.logs import captured, quiet
 from deploytool.recipe import ExportConfig, InputSpec
-from deploytool.runners import OrtRunner, TorchRunner
+from deploytool.runners import OrtRunner, TorchRunner, keyword_inputs
 
 if TYPE_CHECKING:
     import onnx
@@ -94,6 +95,43 @@ def _strip_trace_metadata(graph: onnx.GraphProto) -> None:
                 _strip_trace_metadata(subgraph)
 
 
+def _as_exported(model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec], outputs: Sequence[str]) -> torch.nn.Module:
+    """The model as the exporters see it: inputs passed positionally, in the recipe's order, and exactly the named
+    outputs. A wrapper is put around the model where that is not so already:
+    - forward() takes the inputs by name in another order (runners.keyword_inputs): it is called by keyword;
+    - forward() returns a dict (or a transformers ModelOutput) whose keys are not exactly the named outputs in
+      order: exporters flatten it by order and name the graph outputs positionally (a recipe naming
+      `pooler_output` of {last_hidden_state, pooler_output} would get last_hidden_state), so the wrapper returns
+      the named outputs, in order."""
+    import torch
+
+    names = [s.name for s in specs]
+    by_keyword = keyword_inputs(model, names)
+    try:
+        with torch.inference_mode():
+            result = model(**dict(zip(names, args))) if by_keyword else model(*args)
+    except Exception:  # the exporters meet the same failure and report it
+        result = None
+    select = isinstance(result, Mapping) and list(result.keys()) != list(outputs) and all(n in result for n in outputs)
+    if not by_keyword and not select:
+        return model
+
+    class Exported(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> object:
+            result = self.model(**dict(zip(names, inputs))) if by_keyword else self.model(*inputs)
+            return tuple(result[name] for name in outputs) if select else result
+
+    # the exporters match dynamic axes to forward()'s parameter names: give it the model's input names
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    Exported.forward.__signature__ = inspect.Signature([self_parameter, *parameters])  # type: ignore[attr-defined]
+    return Exported().eval()
+
+
 class _Rejected(Exception):
     """An exporter's graph that fails a check: the reason is said, and the next exporter is tried."""
 
@@ -144,6 +182,7 @@ def export_onnx(
         fixed = next((d for d in (specs[0].shape[0],) if isinstance(d, int)), 1)
         sample = Dataset(next(sample.batches(fixed, pad=True)), None, sample.source)  # exactly the fixed batch
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample.feeds[s.name])) for s in specs)
+    model = _as_exported(model, args, specs, outputs)
     attempts = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[cfg.exporter]
     rejected: list[str] = []
     accepted: tuple[str, onnx.ModelProto, float] | None = None

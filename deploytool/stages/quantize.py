@@ -1037,6 +1037,7 @@ def quantize_onnx(
             optimize = _optimize_transformer(source, folder / "optimized.onnx", cfg, notes)
             if optimize != "failed":
                 source = folder / "optimized.onnx"
+        source = _unambiguous_initializers(source, folder / "renamed.onnx")
         raw = source  # before quant_pre_process, which static quantization wants and dynamic does not
         if cfg.preprocess:
             preprocess = _preprocess(source, folder / "prepared.onnx", notes)
@@ -1061,11 +1062,92 @@ def quantize_onnx(
             record.notes.append(f"{cfg.calibration_method} calibration: the last batch of {quantizer.calibration_batch[0]} was "
                                 "filled up with the first samples (the calibrator needs batches of one size)")
         record.settings["quantizations"] = quantizer.count
+        record.settings["op_types"] = quantizer.op_types
+        _weight_share(in_path, draft, record)
         if quantizer.calibration_plan:
             record.settings["calibration_plan"] = quantizer.calibration_plan
         with atomic_path(out_path) as final:
             shutil.copyfile(draft, final)
     return record
+
+
+def _unambiguous_initializers(path: Path, out: Path) -> Path:
+    """ONNX Runtime's QDQ quantizer copies a shared initializer X as X1, X2, ... taking the next numeric suffix free
+    among the *initializers* only: with the dynamo exporter's names (an initializer val_11 beside a tensor val_117)
+    a copy takes an existing tensor's name and the quantized graph does not load ("Duplicate definition of name").
+    Initializers whose name followed by digits names another tensor are renamed first (`out`); else `path`."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        return path  # subgraphs may read an initializer by its outer name: leave the graph alone
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    names = {*initializers, *(v.name for v in (*graph.input, *graph.output, *graph.value_info)),
+             *(t for n in graph.node for t in (*n.input, *n.output) if t)}
+    clashing = set()
+    for name in names:
+        stem = name.rstrip("0123456789")
+        for cut in range(len(stem), len(name)):  # every prefix that leaves at least one trailing digit
+            if name[:cut] in initializers:
+                clashing.add(name[:cut])
+    if not clashing:
+        return path
+    renamed = {}
+    for name in sorted(clashing):
+        new = f"{name}_w"
+        while new in names or any(n.startswith(new) and n[len(new):].isdigit() for n in names):
+            new += "_"
+        renamed[name] = new
+        names.add(new)
+    for tensor in graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    for value in graph.input:  # an initializer that is also a graph input (a default value)
+        value.name = renamed.get(value.name, value.name)
+    onnx.save(model, str(out))
+    log.debug("renamed %d initializers whose numbered copies would clash with tensor names", len(renamed))
+    return out
+
+
+def _float_weights(model: Any) -> dict[str, int]:
+    """{op type: float32 weight elements it reads} over initializers of at least 256 elements (weights, not
+    shapes or scales); a weight read by several node types counts for the first."""
+    readers: dict[str, str] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, node.op_type)
+    counts: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        size = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.data_type == 1 and size >= 256 and tensor.name in readers:
+            op = readers[tensor.name]
+            counts[op] = counts.get(op, 0) + size
+    return counts
+
+
+def _weight_share(fp32: Path, int8: Path, record: QuantizeRecord) -> None:
+    """The share of the fp32 model's weights the int8 model holds in 8 bits (`quantization.int8_weight_share`), and a
+    note when most of them stay float: int8 cannot speed up what it does not quantize (LSTM/GRU nodes, excluded
+    or unsupported ops)."""
+    import onnx
+
+    before = sum(_float_weights(onnx.load(str(fp32), load_external_data=False)).values())
+    remaining = _float_weights(onnx.load(str(int8), load_external_data=False))
+    remaining.pop("DequantizeLinear", None)  # a float weight behind a DequantizeLinear is quantized data
+    after = sum(remaining.values())
+    if before == 0:
+        return
+    share = max(0.0, 1.0 - after / before)
+    record.settings["int8_weight_share"] = round(share, 4)
+    if share < 0.5:
+        where = ", ".join(f"{op} {count / before:.0%}" for op, count in sorted(remaining.items(), key=lambda kv: -kv[1])[:4])
+        record.notes.append(f"only {share:.0%} of the model's weights are int8; the rest stay float ({where} of them): "
+                            "int8 can only speed up the part it quantizes (ONNX Runtime's static int8 covers Conv, "
+                            "MatMul and Gemm, not LSTM, GRU or RNN nodes)")
 
 
 def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: Path, targets: Targets, threads: int,

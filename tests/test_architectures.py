@@ -1,0 +1,151 @@
+"""Architectures this project did not write (Hugging Face transformers classes from a config, PyTorch's LSTM):
+the quantize stage's fallbacks and explanations on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from deploytool.data import Dataset
+from deploytool.recipe import ExportConfig, InputSpec, QuantizeConfig
+from deploytool.stages.export import export_onnx
+from deploytool.stages.quantize import quantize_onnx
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _images(count: int, seed: int) -> Dataset:
+    return Dataset({"pixel_values": np.random.default_rng(seed).normal(size=(count, 3, 32, 32)).astype(np.float32)})
+
+
+def test_poolformer_quantizes_although_onnx_runtime_would_copy_a_weight_onto_a_tensor_name(tmp_path: Path) -> None:
+    """ONNX Runtime's QDQ quantizer copies a weight shared by several nodes as X1, X2, ... (numbered among the
+    initializers only). In the dynamo export of PoolFormer the shared GroupNorm bias is 'val_11' and a Reshape
+    writes 'val_117': quantized as it is, the graph fails ("Quantization parameter shared mode is not supported
+    for weight yet", or a graph that does not load: "Duplicate definition of name"). The stage renames such
+    initializers first."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from transformers import PoolFormerConfig, PoolFormerForImageClassification
+
+    torch.manual_seed(0)
+    model = _Logits(PoolFormerForImageClassification(PoolFormerConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_labels=4, image_size=32)).eval())
+    fp32 = tmp_path / "poolformer.onnx"
+    specs = [InputSpec(name="pixel_values", shape=["batch", 3, 32, 32], dtype="float32")]
+    export_onnx(model, specs, ["logits"], ExportConfig(exporter="dynamo"), _images(2, 0), fp32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([_images(4, 1).feeds])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with pytest.raises(Exception) as plain:  # the failure this guards against, as ONNX Runtime has it
+        quantize_static(str(fp32), str(tmp_path / "plain.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, per_channel=True)
+        ort.InferenceSession(str(tmp_path / "plain.onnx"))
+    assert "shared mode" in str(plain.value) or "Duplicate definition" in str(plain.value)
+
+    int8 = tmp_path / "poolformer.int8.onnx"
+    record = quantize_onnx(fp32, int8, QuantizeConfig(), _images(16, 1), evaluation=_images(16, 2))
+    assert record.settings["op_types"] is None  # every op type ONNX Runtime quantizes, nothing dropped
+    quantized = onnx.load(str(int8))
+    assert sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node) > 10
+    onnx.checker.check_model(quantized, full_check=True)
+    out = ort.InferenceSession(str(int8)).run(None, _images(4, 3).feeds)[0]
+    assert out.shape == (4, 4) and np.isfinite(out).all()
+
+
+def test_int8_that_leaves_the_recurrent_weights_float_says_so(tmp_path: Path) -> None:
+    """Static int8 has no LSTM kernel: almost every weight stays float, and the record says why int8 cannot make
+    such a model faster."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(20, 64, num_layers=2, batch_first=True)
+            self.head = nn.Linear(64, 5)
+
+        def forward(self, frames: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(frames)[0][:, -1])
+
+    torch.manual_seed(0)
+    data = Dataset({"frames": np.random.default_rng(0).normal(size=(16, 10, 20)).astype(np.float32)})
+    fp32 = tmp_path / "lstm.onnx"
+    export_onnx(Recurrent().eval(), [InputSpec(name="frames", shape=["batch", 10, 20], dtype="float32")], ["logits"],
+                ExportConfig(exporter="torchscript"), data.head(2), fp32)
+    record = quantize_onnx(fp32, tmp_path / "lstm.int8.onnx", QuantizeConfig(), data)
+    assert float(record.settings["int8_weight_share"]) < 0.1  # type: ignore[arg-type]
+    assert any(n.startswith("only ") and "LSTM" in n and "not LSTM, GRU or RNN" in n for n in record.notes), record.notes
+
+
+def test_a_fully_quantized_cnn_holds_its_weights_in_eight_bits(digits_run: tuple[object, Path], calib: Dataset,
+                                                              tmp_path: Path) -> None:
+    _, out = digits_run
+    record = quantize_onnx(out / "model.onnx", tmp_path / "int8.onnx", QuantizeConfig(), calib)
+    assert float(record.settings["int8_weight_share"]) > 0.95  # type: ignore[arg-type]
+    assert not any(n.startswith("only ") for n in record.notes)
+
+
+def test_a_named_subset_of_a_model_output_dict_is_exported_by_name(tmp_path: Path) -> None:
+    """transformers models return a ModelOutput dict; exporters flatten it by order. Naming only `pooler_output`
+    (the second entry) must export that tensor under that name, not the first entry."""
+    import onnxruntime as ort
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=28, patch_size=14)).eval()
+    data = Dataset({"pixel_values": np.random.default_rng(0).normal(size=(3, 3, 28, 28)).astype(np.float32)})
+    path = tmp_path / "dinov2.onnx"
+    for exporter in ("dynamo", "torchscript"):
+        export_onnx(model, [InputSpec(name="pixel_values", shape=["batch", 3, 28, 28], dtype="float32")], ["pooler_output"],
+                    ExportConfig(exporter=exporter), data, path)
+        session = ort.InferenceSession(str(path))
+        assert [o.name for o in session.get_outputs()] == ["pooler_output"]
+        got = session.run(None, data.feeds)[0]
+        with torch.inference_mode():
+            want = model(pixel_values=torch.from_numpy(data.feeds["pixel_values"])).pooler_output.numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        path.unlink()
+
+
+def test_inputs_bind_by_name_when_forward_takes_them_in_another_order(tmp_path: Path) -> None:
+    """BloomForCausalLM.forward(input_ids, past_key_values, attention_mask, ...): a recipe's inputs
+    [input_ids, attention_mask] passed by position would feed the mask in as the cache. They are passed by name, in
+    export and in the PyTorch runner alike."""
+    import onnxruntime as ort
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from deploytool.runners import TorchRunner, keyword_inputs
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=100, use_cache=False)).eval()
+    names = ["input_ids", "attention_mask"]
+    assert keyword_inputs(model, names) and not keyword_inputs(model, ["input_ids"])
+    rng = np.random.default_rng(0)
+    mask = (np.arange(12)[None, :] < np.array([[12], [7], [4]])).astype(np.int64)
+    data = Dataset({"input_ids": rng.integers(3, 100, size=(3, 12)).astype(np.int64), "attention_mask": mask})
+    specs = [InputSpec(name=n, shape=["batch", 12], dtype="int64") for n in names]
+    path = tmp_path / "bloom.onnx"
+    export_onnx(model, specs, ["logits"], ExportConfig(), data, path)
+    got = ort.InferenceSession(str(path)).run(None, data.feeds)[0]
+    want = TorchRunner("torch", model, names, ["logits"]).infer(data.feeds)[0]
+    with torch.inference_mode():
+        direct = model(input_ids=torch.from_numpy(data.feeds["input_ids"]), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(want, direct, atol=1e-6)
+    np.testing.assert_allclose(got, want, atol=1e-4)
