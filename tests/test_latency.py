@@ -104,3 +104,42 @@ def test_bootstrap_interval_is_reproducible(resamples: int) -> None:
     plan = TimingPlan(resamples=resamples)
     first, second = _bootstrap_ratio(a, b, plan), _bootstrap_ratio(a, b, plan)
     assert first == second and 1.8 < first.value < 2.2 and first.low < first.value < first.high
+
+
+class _Timings:
+    """Timings whose speedup interval and A/A noise floor are given: the decision rule alone, without a clock."""
+
+    def __init__(self, intervals: list[tuple[float, float, float]], noise: float) -> None:
+        self.intervals, self.noise, self.rounds, self.calls = intervals, noise, 5, 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.calls >= len(self.intervals) - 1
+
+    def run(self, rounds: int | None = None) -> None:
+        self.calls += 1
+        self.rounds += rounds or 0
+
+    def measurement(self) -> _Timings:
+        return self
+
+    def __contains__(self, name: str) -> bool:
+        return True
+
+    def speedup(self, baseline: str, model: str) -> Ratio:
+        return Ratio(*self.intervals[min(self.calls, len(self.intervals) - 1)])
+
+
+def test_undecided_speed_gates_stop_timing_once_within_the_noise_floor() -> None:
+    from deploytool.stages.verify import _SpeedCheck, decide_speed
+
+    check = _SpeedCheck("min_speedup_vs_fp32", "int8", "fp32", 1.0, True)
+    # straddles 1.0 within a 4% noise floor: no more rounds, failed as undecided
+    settled = _Timings([(1.0, 0.98, 1.03), (1.0, 0.99, 1.01), (1.0, 0.995, 1.005)], noise=0.04)
+    notes: list[str] = []
+    gate = decide_speed([check], settled, notes)[0]  # type: ignore[arg-type]
+    assert settled.calls == 0 and not gate.passed and "undecided" in notes[0]
+    # wider than the noise floor: timed on until decided
+    wide = _Timings([(0.97, 0.90, 1.04), (0.97, 0.94, 1.01), (0.97, 0.95, 0.99)], noise=0.02)
+    gate = decide_speed([check], wide, [])[0]  # type: ignore[arg-type]
+    assert wide.calls == 2 and not gate.passed and gate.interval == [0.95, 0.99]

@@ -284,10 +284,21 @@ def _speed_checks(candidate: Candidate, gates: Mapping[str, float], added: set[s
 
 def decide_speed(checks: Sequence[_SpeedCheck], timer: Timer | None, notes: list[str]) -> list[Gate]:
     """Speed gates on the confidence interval: pass when it clears the threshold, fail when it misses it;
-    undecided gates get more rounds (within the plan's bounds), then fail as 'within noise'."""
+    undecided gates get more rounds (within the plan's bounds), then fail as 'within noise'. Timing stops early
+    once every undecided interval lies within the A/A noise floor of its threshold: the difference is then
+    smaller than two copies of one model differ by, and more rounds cannot make it a real one."""
     def undecided() -> list[_SpeedCheck]:
         measurement = timer.measurement() if timer else None
-        return [c for c in checks if (r := c.ratio(measurement)) is not None and r.decide(c.threshold) is None]
+        noise = measurement.noise if measurement else None
+        open_checks = []
+        for c in checks:
+            r = c.ratio(measurement)
+            if r is None or r.decide(c.threshold) is not None:
+                continue
+            if noise is not None and c.threshold * (1 - noise) <= r.low and r.high <= c.threshold * (1 + noise):
+                continue  # within the noise floor: settled as undecided
+            open_checks.append(c)
+        return open_checks
 
     while timer is not None and undecided() and not timer.exhausted:
         timer.run(rounds=max(timer.rounds, 5))
