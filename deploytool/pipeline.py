@@ -19,7 +19,7 @@ from deploytool.cache import StageCache, content_hash, stage_key
 from deploytool.data import is_callable_source
 from deploytool.errors import DeployError, StageError, UserError, first_line, signal_received
 from deploytool.progress import Progress, Silent
-from deploytool.recipe import Recipe
+from deploytool.recipe import Recipe, VerifyConfig
 from deploytool.stages.report import json_safe
 
 log = logging.getLogger("deploytool")
@@ -514,17 +514,19 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
     stage = run.stage if run else (lambda name: nullcontext({}))
     final, identity = start.model, dict(start.hashes)
     if recipe.prune:
-        from deploytool.stages.prune import prune_model, save_model
+        from deploytool.stages.prune import LatencyContext, prune_model, save_model
 
         with stage("prune") as record:
             data = start.calibration or start.validation or start.sample
+            timing = recipe.verify or VerifyConfig()
+            latency = LatencyContext(recipe.model.outputs, recipe.export, timing.latency_batch, timing.threads)
             if run is None:
-                final, _ = prune_model(start.model, specs, recipe.prune, data, task)
+                final, _ = prune_model(start.model, specs, recipe.prune, data, task, latency=latency)
             else:
                 path = run.out_dir / "pruned.safetensors"
 
                 def compute() -> dict[str, Any]:
-                    pruned, result = prune_model(start.model, specs, recipe.prune, data, task, run.progress)
+                    pruned, result = prune_model(start.model, specs, recipe.prune, data, task, run.progress, latency)
                     save_model(pruned, path)
                     return result.as_dict()
 

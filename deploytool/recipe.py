@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deploytool.errors import UserError
 
@@ -96,6 +96,18 @@ class PruneConfig(Strict):
     ignore: list[str] = Field([], description="layer names or glob patterns never pruned (output heads always are)")
     sensitivity: bool = Field(False, description="scan each layer alone at scan_ratios and report the table")
     scan_ratios: list[float] = [0.25, 0.5, 0.75]
+    target_speedup: float | None = Field(None, gt=1, allow_inf_nan=False,
+                                         description="channel: search the ratio for this speedup over the original's ONNX export")
+    target_latency_ms: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                            description="channel: search the ratio for this ONNX Runtime latency (ms)")
+    max_ratio: float = Field(0.9, gt=0, lt=1, description="the largest ratio the latency-budget search tries")
+
+    @model_validator(mode="after")
+    def _budget(self) -> PruneConfig:
+        if (self.target_speedup is not None or self.target_latency_ms is not None) and self.method != "channel":
+            raise ValueError("target_speedup and target_latency_ms need method = \"channel\" (only removing channels "
+                             "makes ONNX Runtime faster)")
+        return self
 
     @field_validator("scan_ratios")
     @classmethod

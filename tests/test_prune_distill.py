@@ -221,3 +221,45 @@ def test_nm_pruning_keeps_n_of_every_m_weights(nets: Path, specs: Any, calib: An
     assert torch.all((conv.permute(0, 2, 3, 1).reshape(-1, 4) != 0).sum(-1) <= 2)
     assert record.sparsity is not None and 0.4 < record.sparsity <= 0.5
     assert any("not faster" in note for note in record.notes)
+
+
+def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path) -> None:
+    """[prune] target_speedup: the ratio is searched by timing each pruned export against the original's in ONNX
+    Runtime; every measured point is recorded (the trade-off curve of the report), the chosen ratio is the smallest
+    measured one that meets the budget (or, when none does, the ratio with the fewest MACs, with a note)."""
+    import json
+
+    out = tmp_path / "run"
+    result = invoke("run", ROOT / "recipes" / "digits-cnn-pruned.toml", "--out", out, "--set", "prune.target_speedup=1.5",
+                    "--set", "distill.epochs=1", "--set", "verify.runs=5", "--set", "verify.memory=false",
+                    "--set", "verify.default_gates=false", "--set", "export.exporter=torchscript")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    budget = report["prune"]["budget"]
+    points = budget["points"]
+    ratios = [p["ratio"] for p in points]
+    assert ratios == sorted(ratios) and len(points) >= 2
+    assert budget["target_speedup"] == 1.5 and budget["needed_speedup"] >= 1.5
+    assert report["prune"]["ratio"] == budget["chosen_ratio"] in ratios
+    assert all(p["speedup_ci"][0] <= p["speedup"] <= p["speedup_ci"][1] and p["original_ms"] > 0 for p in points)
+    assert 0 < budget["max_effective_ratio"] <= 0.9
+    chosen = next(p for p in points if p["ratio"] == budget["chosen_ratio"])
+    assert [p for p in points if p.get("chosen")] == [chosen]
+    assert len({(p["macs"], p["latency_ms"]) for p in points}) == len(points)  # one row per distinct network
+    if budget["met"]:  # the smallest measured ratio that meets it; every smaller measured one missed
+        assert chosen["speedup"] >= budget["needed_speedup"]
+        assert any(n.startswith("latency budget: ratio") for n in report["notes"])
+    else:
+        assert chosen["ratio"] == budget["max_effective_ratio"]
+        assert any(n.startswith("latency budget not reached") for n in report["notes"])
+    assert "Latency budget: pruning ratio" in (out / "report.md").read_text()
+
+
+def test_a_latency_budget_needs_channel_pruning() -> None:
+    from pydantic import ValidationError
+
+    from deploytool.recipe import PruneConfig
+
+    with pytest.raises(ValidationError, match="need method"):
+        PruneConfig(method="magnitude", target_latency_ms=1.0)
+    assert PruneConfig(target_latency_ms=0.5).max_ratio == 0.9

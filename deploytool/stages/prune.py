@@ -22,7 +22,7 @@ import numpy as np
 from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
 from deploytool.errors import StageError, UserError, first_line
-from deploytool.recipe import InputSpec, PruneConfig
+from deploytool.recipe import ExportConfig, InputSpec, PruneConfig
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +49,7 @@ class PruneRecord:
     sparsity: float | None = None
     sensitivity: dict[str, dict[str, float]] | None = None
     notes: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None  # the latency-budget search (deploytool.stages.budget), when asked for
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -313,15 +314,44 @@ def sensitivity_scan(
     return table
 
 
+@dataclass
+class LatencyContext:
+    """What a latency-budget search needs beyond the prune settings: how the model is exported and timed."""
+
+    outputs: Sequence[str]
+    export: ExportConfig
+    batch: int = 1
+    threads: int = 2
+
+
 def prune_model(
-    model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset, task: str, progress: Any = None
+    model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset, task: str, progress: Any = None,
+    latency: LatencyContext | None = None,
 ) -> tuple[torch.nn.Module, PruneRecord]:
+    """Prune a copy of `model`. With a latency budget (target_speedup / target_latency_ms) the ratio is searched by
+    measured ONNX Runtime latency (deploytool.stages.budget) and `latency` says how to export and time it."""
     example = _example(specs, data)
     macs_before, params_before = count_macs(model, example)
     sensitivity = sensitivity_scan(model, specs, cfg, data, task, progress) if cfg.sensitivity else None
     ignored = sorted(set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore)))
     notes: list[str] = []
     sparsity = None
+    budget = None
+    if cfg.target_speedup is not None or cfg.target_latency_ms is not None:
+        from deploytool.stages.budget import search_ratio
+
+        context = latency or LatencyContext(["output"], ExportConfig())
+        search = search_ratio(model, specs, context.outputs, cfg, data, task, context.export, context.batch, context.threads,
+                              progress)
+        cfg = cfg.model_copy(update={"ratio": search.chosen_ratio})
+        budget = search.as_dict()
+        notes.extend(search.notes)
+        chosen = next(p for p in search.points if p.get("chosen"))
+        if search.met:
+            notes.append(f"latency budget: ratio {search.chosen_ratio:g} is the smallest of {len(search.points)} measured that "
+                         f"makes the model {chosen['speedup']:.2f}x [{chosen['speedup_ci'][0]:.2f}, {chosen['speedup_ci'][1]:.2f}] "
+                         f"faster than the original's ONNX Runtime export ({chosen['latency_ms']:.3f} vs "
+                         f"{chosen['original_ms']:.3f} ms; needs {search.needed_speedup:.2f}x)")
     if cfg.method == "channel":
         pruned = channel_prune(model, specs, cfg, data)
     else:
@@ -332,7 +362,8 @@ def prune_model(
             "but ONNX Runtime runs dense kernels, so it is not faster"
         )
     macs_after, params_after = count_macs(pruned, example)
-    record = PruneRecord(cfg.method, cfg.ratio, params_before, params_after, macs_before, macs_after, ignored, sparsity, sensitivity, notes)
+    record = PruneRecord(cfg.method, cfg.ratio, params_before, params_after, macs_before, macs_after, ignored, sparsity, sensitivity, notes,
+                         budget)
     return pruned, record
 
 

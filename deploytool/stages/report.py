@@ -179,6 +179,17 @@ def _attempt_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["search", "model", "cosine", "SNR dB", "top-1 agree", "accuracy drop", "meets targets"], rows
 
 
+def _budget_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    budget = report["prune"]["budget"]
+    rows = []
+    for p in budget.get("points") or []:
+        ci = p.get("speedup_ci") or [None, None]
+        rows.append([_fmt(p.get("ratio"), 4), str(p.get("macs", "-")), _fmt(p.get("latency_ms"), 4),
+                     f"{_fmt(p.get('speedup'), 2)}x [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]", _fmt(p.get("cosine"), 5),
+                     _fmt(p.get("top1_agreement")), "yes" if p.get("chosen") else ""])
+    return ["ratio", "MACs", "latency ms", "speedup vs original (ORT)", "cosine", "top-1 agree", "chosen"], rows
+
+
 def _float_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     q = report["quantization"]
     rows = [[str(k.get("node")), "always (kept_float)", str(k.get("why"))] for k in q.get("kept_float") or []]
@@ -200,6 +211,9 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[l
                 _guarded("Stages", _stage_rows, report)]
     if report.get("prune"):
         sections.append(_guarded("Pruning", _prune_rows, report))
+        if _get(report, "prune", "budget"):
+            sections.append(_guarded("Latency budget: pruning ratio, measured latency and agreement before distillation",
+                                     _budget_rows, report))
         if _get(report, "prune", "sensitivity"):
             sections.append(_guarded("Layer sensitivity (score with only that layer pruned)",
                                      lambda r: sensitivity_rows(r["prune"]["sensitivity"]), report))
