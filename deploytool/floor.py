@@ -57,16 +57,26 @@ def input_rounding(model: Any) -> dict[str, Rounding]:
         return None
 
     inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == 1}  # float32
-    found: dict[str, Rounding] = {}
+    readers: dict[str, list[Any]] = {}
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inputs or node.input[0] in found:
+        for name in node.input:
+            if name in inputs:
+                readers.setdefault(name, []).append(node)
+    found: dict[str, Rounding] = {}
+    for name, nodes in readers.items():
+        # only an input that every reader takes rounded: where a node kept in float reads it as it is, rounding it
+        # for the float model would overstate what the quantized model loses
+        if len(nodes) != 1 or nodes[0].op_type != "QuantizeLinear":
             continue
+        node = nodes[0]
+        if any(a.name in ("output_dtype", "block_size", "saturate") for a in node.attribute):
+            continue  # opset 21 output types, block quantization, float8: not reproduced here
         scale = value(node.input[1])
         zero = value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(0, dtype=np.uint8)
-        if scale is None or zero is None or zero.dtype.kind not in "iu":  # 16-bit and float8 types need nothing special,
-            continue  # but a missing or computed scale cannot be reproduced
+        if scale is None or zero is None or zero.dtype.kind not in "iu":
+            continue  # a computed scale, or a float8 zero point: not reproduced here
         axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
-        found[node.input[0]] = Rounding(scale, zero, axis)
+        found[name] = Rounding(scale, zero, axis)
     return found
 
 

@@ -39,8 +39,22 @@ def keyword_inputs(model: torch.nn.Module, input_names: Sequence[str]) -> bool:
     return positional != list(input_names)
 
 
+def require_positional(model: torch.nn.Module, input_names: Sequence[str], stage: str) -> None:
+    """A UserError for the stages that call forward() by position (prune, distill) when the model takes its inputs
+    by name in another order: passed by position they would silently land in the wrong parameters."""
+    if keyword_inputs(model, input_names):
+        import inspect
+
+        order = [p for p in inspect.signature(model.forward).parameters if p in set(input_names)]
+        raise UserError(f"{stage} calls forward() with the inputs by position, and {type(model).__name__}.forward() takes "
+                        f"{list(input_names)} in another order ({order}, with other parameters between them)",
+                        "list [model] inputs in forward()'s order, or prune and distill a model whose forward() takes "
+                        "them first and in that order")
+
+
 class TorchRunner:
-    """Eager PyTorch; forward(*inputs) in the order of the input specs."""
+    """Eager PyTorch; forward(*inputs) in the order of the input specs, or by keyword where forward() names them in
+    another order (keyword_inputs)."""
 
     def __init__(self, name: str, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str] | None):
         """output_names None: return whatever outputs forward() gives (for internal scoring)."""

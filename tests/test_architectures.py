@@ -54,11 +54,12 @@ def test_poolformer_quantizes_although_onnx_runtime_would_copy_a_weight_onto_a_t
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    with pytest.raises(Exception) as plain:  # the failure this guards against, as ONNX Runtime has it
+    try:  # the failure this guards against, as ONNX Runtime 1.32 has it (a later release may fix it)
         quantize_static(str(fp32), str(tmp_path / "plain.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, per_channel=True)
         ort.InferenceSession(str(tmp_path / "plain.onnx"))
-    assert "shared mode" in str(plain.value) or "Duplicate definition" in str(plain.value)
+    except Exception as exc:
+        assert "shared mode" in str(exc) or "Duplicate definition" in str(exc), exc
 
     int8 = tmp_path / "poolformer.int8.onnx"
     record = quantize_onnx(fp32, int8, QuantizeConfig(), _images(16, 1), evaluation=_images(16, 2))
@@ -142,10 +143,94 @@ def test_inputs_bind_by_name_when_forward_takes_them_in_another_order(tmp_path: 
     data = Dataset({"input_ids": rng.integers(3, 100, size=(3, 12)).astype(np.int64), "attention_mask": mask})
     specs = [InputSpec(name=n, shape=["batch", 12], dtype="int64") for n in names]
     path = tmp_path / "bloom.onnx"
-    export_onnx(model, specs, ["logits"], ExportConfig(), data, path)
+    assert export_onnx(model, specs, ["logits"], ExportConfig(exporter="dynamo"), data, path).exporter == "dynamo"
     got = ort.InferenceSession(str(path)).run(None, data.feeds)[0]
     want = TorchRunner("torch", model, names, ["logits"]).infer(data.feeds)[0]
     with torch.inference_mode():
         direct = model(input_ids=torch.from_numpy(data.feeds["input_ids"]), attention_mask=torch.from_numpy(mask)).logits.numpy()
     np.testing.assert_allclose(want, direct, atol=1e-6)
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_keyword_binding_only_where_forward_names_every_input_in_another_order() -> None:
+    from deploytool.runners import keyword_inputs
+
+    class Ordered(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    class Reordered(nn.Module):
+        def forward(self, b: torch.Tensor, cache: object = None, a: torch.Tensor | None = None) -> torch.Tensor:
+            return b
+
+    class Anything(nn.Module):
+        def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+            return args[0]
+
+    class PositionalOnly(nn.Module):
+        def forward(self, b: torch.Tensor, a: torch.Tensor, /) -> torch.Tensor:
+            return a
+
+    assert not keyword_inputs(Ordered(), ["a", "b"])
+    assert keyword_inputs(Ordered(), ["b", "a"])
+    assert keyword_inputs(Reordered(), ["b", "a"])  # b first, but a is not the second parameter
+    assert not keyword_inputs(Reordered(), ["b", "cache"])
+    assert not keyword_inputs(Anything(), ["a", "b"])  # no names to bind to
+    assert not keyword_inputs(PositionalOnly(), ["a", "b"])  # cannot be passed by keyword
+    assert not keyword_inputs(Ordered(), ["a", "c"])  # a name forward() does not have: by position, as before
+
+
+def test_initializers_whose_numbered_copies_would_take_a_tensor_name_are_renamed(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deploytool.stages.quantize import _unambiguous_initializers
+
+    weight = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "val_1")
+    default = numpy_helper.from_array(np.ones((4,), np.float32), "bias")  # an initializer that is also a graph input
+    nodes = [helper.make_node("Mul", ["x", "val_1"], ["val_12"]), helper.make_node("Mul", ["val_12", "val_1"], ["val_13"]),
+             helper.make_node("Add", ["val_13", "bias"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4]),
+                                           helper.make_tensor_value_info("bias", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [weight, default])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    out = _unambiguous_initializers(path, tmp_path / "renamed.onnx")
+    assert out == tmp_path / "renamed.onnx"
+    renamed = onnx.load(str(out))
+    names = {i.name for i in renamed.graph.initializer}
+    assert "val_1" not in names and "bias" in names  # val_1 + "2" would be val_12, a tensor; bias clashes with nothing
+    produced = {o for n in renamed.graph.node for o in n.output}
+    assert not any(p.startswith(n) and p[len(n):].isdigit() for n in names for p in produced)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, {"x": x})[0], before)
+    # nothing to rename: the same file back; a graph with subgraphs is left alone
+    assert _unambiguous_initializers(out, tmp_path / "again.onnx") == out
+    branch = helper.make_graph([helper.make_node("Identity", ["val_1"], ["z"])], "b", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])])
+    model = onnx.load(str(path))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["w"], then_branch=branch, else_branch=branch))
+    onnx.save(model, str(tmp_path / "if.onnx"))
+    assert _unambiguous_initializers(tmp_path / "if.onnx", tmp_path / "if2.onnx") == tmp_path / "if.onnx"
+
+
+def test_pruning_refuses_a_model_whose_inputs_would_land_in_the_wrong_parameters() -> None:
+    from deploytool.errors import UserError
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.prune import prune_model
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.out = nn.Linear(16, 50)
+
+        def forward(self, input_ids: torch.Tensor, cache: object = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            hidden = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+            return self.out(hidden)
+
+    specs = [InputSpec(name="input_ids", shape=["batch", 8], dtype="int64"), InputSpec(name="attention_mask", shape=["batch", 8], dtype="int64")]
+    data = Dataset({"input_ids": np.ones((4, 8), np.int64), "attention_mask": np.ones((4, 8), np.int64)})
+    with pytest.raises(UserError, match="in another order"):
+        prune_model(Decoder(), specs, PruneConfig(), data, "generic")

@@ -92,14 +92,20 @@ def test_a_model_that_int8_rounding_breaks_by_itself_is_named_and_not_searched(t
     fp32 = _export(Chaotic(), tmp_path / "chaotic.onnx")
     int8 = tmp_path / "chaotic.int8.onnx"
     calibration, evaluation = _data(64, 1), _data(64, 2)
-    record = quantize_onnx(fp32, int8, QuantizeConfig(), calibration, evaluation=evaluation,
-                           targets=Targets(min_cosine=0.99, min_top1_agreement=0.99))
+    targets = Targets(min_cosine=0.99, min_top1_agreement=0.99)
+    record = quantize_onnx(fp32, int8, QuantizeConfig(auto_mixed_precision=False), calibration, evaluation=evaluation,
+                           targets=targets)
     floor = record.input_floor
     assert floor and not floor["meets_targets"] and float(floor["cosine"]) < 0.9  # type: ignore[arg-type]
     assert 30 < float(floor["input_snr_db"]) < 60  # type: ignore[arg-type]  # 8-bit rounding: ~40 dB on normal data
-    assert any("already misses the quantization targets" in n and "were skipped" in n for n in record.notes)
-    assert not any(a["search"] in ("mixed precision", "equalization", "bias correction") for a in record.attempts)
+    assert any("already misses the quantization targets" in n and "were not tried" in n for n in record.notes)
     assert [a["search"] for a in record.attempts] == ["default", "input rounding floor"]
+    # mixed precision still runs: keeping the nodes that read the input in float removes the rounding (here it
+    # takes every node in float, which is no faster than fp32, so the int8 model stays)
+    mixed = quantize_onnx(fp32, tmp_path / "mixed.onnx", QuantizeConfig(), calibration, evaluation=evaluation, targets=targets)
+    assert not any(a["search"] in ("equalization", "bias correction") for a in mixed.attempts)
+    assert any(a["search"] == "mixed precision" for a in mixed.attempts)
+    assert any(n.startswith("mixed precision:") for n in mixed.notes)
 
     fragment = verify_and_explain(OrtRunner("reference", fp32), [CandidateFile("fp32", fp32), CandidateFile("int8", int8, base="fp32")],
                                   evaluation, "classification", VerifyConfig(runs=5, memory=False))
@@ -126,3 +132,22 @@ def test_a_well_conditioned_model_keeps_searching(digits_run: tuple[object, Path
     assert record.input_floor["meets_targets"]
     assert float(record.input_floor["cosine"]) > target.min_cosine  # type: ignore[arg-type]
     assert any(a["search"] not in ("default", "input rounding floor") for a in record.attempts)
+
+
+def test_an_input_that_a_float_node_also_reads_has_no_floor(tmp_path: Path) -> None:
+    """Rounding an input for the float model only says what the quantized model loses when every reader of that
+    input reads it rounded."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deploytool.floor import input_rounding
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Relu", ["d"], ["a"]), helper.make_node("Add", ["a", "x"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert input_rounding(model) == {}
+    model.graph.node[3].input[1] = "d"  # now only the QuantizeLinear reads x
+    assert set(input_rounding(onnx.load_from_string(model.SerializeToString()))) == {"x"}

@@ -107,10 +107,11 @@ def test_bootstrap_interval_is_reproducible(resamples: int) -> None:
 
 
 class _Timings:
-    """Timings whose speedup interval and A/A noise floor are given: the decision rule alone, without a clock."""
+    """Timings whose speedup intervals and A/A control are given: the decision rule alone, without a clock."""
 
-    def __init__(self, intervals: list[tuple[float, float, float]], noise: float) -> None:
-        self.intervals, self.noise, self.rounds, self.calls = intervals, noise, 5, 0
+    def __init__(self, intervals: list[tuple[float, float, float]], aa: float | None) -> None:
+        self.intervals, self.rounds, self.calls = intervals, 5, 0
+        self.aa = None if aa is None else Ratio(aa, aa - 0.05, aa + 0.05)
 
     @property
     def exhausted(self) -> bool:
@@ -126,20 +127,37 @@ class _Timings:
     def __contains__(self, name: str) -> bool:
         return True
 
+    @property
+    def noise(self) -> float | None:
+        return None if self.aa is None else 0.05
+
     def speedup(self, baseline: str, model: str) -> Ratio:
         return Ratio(*self.intervals[min(self.calls, len(self.intervals) - 1)])
 
 
-def test_undecided_speed_gates_stop_timing_once_within_the_noise_floor() -> None:
+def test_undecided_speed_gates_stop_timing_once_within_one_percent_of_the_threshold() -> None:
     from deploytool.stages.verify import _SpeedCheck, decide_speed
 
     check = _SpeedCheck("min_speedup_vs_fp32", "int8", "fp32", 1.0, True)
-    # straddles 1.0 within a 4% noise floor: no more rounds, failed as undecided
-    settled = _Timings([(1.0, 0.98, 1.03), (1.0, 0.99, 1.01), (1.0, 0.995, 1.005)], noise=0.04)
+    # straddles 1.0 but wider than 1%: timed on until the plan is spent, then failed as within the noise
+    wide = _Timings([(1.0, 0.97, 1.03), (1.0, 0.98, 1.02), (1.0, 0.985, 1.015)], aa=1.0)
     notes: list[str] = []
-    gate = decide_speed([check], settled, notes)[0]  # type: ignore[arg-type]
-    assert settled.calls == 0 and not gate.passed and "undecided" in notes[0]
-    # wider than the noise floor: timed on until decided
-    wide = _Timings([(0.97, 0.90, 1.04), (0.97, 0.94, 1.01), (0.97, 0.95, 0.99)], noise=0.02)
-    gate = decide_speed([check], wide, [])[0]  # type: ignore[arg-type]
-    assert wide.calls == 2 and not gate.passed and gate.interval == [0.95, 0.99]
+    gate = decide_speed([check], wide, notes)[0]  # type: ignore[arg-type]
+    assert wide.calls == 2 and not gate.passed and "time longer" in notes[0]
+    # within 1% of 1.0: timing stops at once, and the note says why
+    close = _Timings([(1.0, 0.995, 1.008), (1.0, 0.99, 1.01)], aa=1.002)
+    notes = []
+    gate = decide_speed([check], close, notes)[0]  # type: ignore[arg-type]
+    assert close.calls == 0 and not gate.passed and "within 1.0% of the threshold" in notes[0]
+    # the A/A control's own offset widens the band: two copies differing by 3% make a 2% difference meaningless
+    offset = _Timings([(1.0, 0.98, 1.02), (1.0, 0.99, 1.01)], aa=1.03)
+    decide_speed([check], offset, [])  # type: ignore[arg-type]
+    assert offset.calls == 0
+    # wider than the band but heading below the threshold: timed on until decided
+    slower = _Timings([(0.97, 0.90, 1.04), (0.97, 0.94, 1.01), (0.97, 0.95, 0.99)], aa=1.0)
+    gate = decide_speed([check], slower, [])[0]  # type: ignore[arg-type]
+    assert slower.calls == 2 and not gate.passed and gate.interval == [0.95, 0.99]
+    # no A/A control: the 1% band alone
+    bare = _Timings([(1.0, 0.995, 1.005)], aa=None)
+    decide_speed([check], bare, [])  # type: ignore[arg-type]
+    assert bare.calls == 0

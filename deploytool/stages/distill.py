@@ -117,8 +117,10 @@ def distill(
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
-    from deploytool.runners import TorchRunner, infer_dataset
+    from deploytool.runners import TorchRunner, infer_dataset, require_positional
 
+    for model in (teacher, student):
+        require_positional(model, [s.name for s in specs], "distillation")
     progress = progress or Silent()
     distributed = _init_distributed()
     rank, size = world()

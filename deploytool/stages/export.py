@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import keyword
 import logging
 import re
 import tempfile
@@ -108,7 +109,7 @@ def _as_exported(model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec]
     names = [s.name for s in specs]
     by_keyword = keyword_inputs(model, names)
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: tensors a forward() caches lazily must stay usable for tracing
             result = model(**dict(zip(names, args))) if by_keyword else model(*args)
     except Exception:  # the exporters meet the same failure and report it
         result = None
@@ -125,9 +126,13 @@ def _as_exported(model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec]
             result = self.model(**dict(zip(names, inputs))) if by_keyword else self.model(*inputs)
             return tuple(result[name] for name in outputs) if select else result
 
-    # the exporters match dynamic axes to forward()'s parameter names: give it the model's input names
+    # the exporters match dynamic axes to forward()'s parameters one by one (not to one *inputs): give it one
+    # parameter per input, named after it where the name is a Python identifier
+    def identifier(name: str, index: int) -> str:
+        return name if name.isidentifier() and not keyword.iskeyword(name) and name != "self" else f"input_{index}"
+
     self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    parameters = [inspect.Parameter(identifier(name, i), inspect.Parameter.POSITIONAL_OR_KEYWORD) for i, name in enumerate(names)]
     Exported.forward.__signature__ = inspect.Signature([self_parameter, *parameters])  # type: ignore[attr-defined]
     return Exported().eval()
 

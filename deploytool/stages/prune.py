@@ -330,6 +330,9 @@ def prune_model(
 ) -> tuple[torch.nn.Module, PruneRecord]:
     """Prune a copy of `model`. With a latency budget (target_speedup / target_latency_ms) the ratio is searched by
     measured ONNX Runtime latency (deploytool.stages.budget) and `latency` says how to export and time it."""
+    from deploytool.runners import require_positional
+
+    require_positional(model, [s.name for s in specs], "pruning")
     example = _example(specs, data)
     macs_before, params_before = count_macs(model, example)
     sensitivity = sensitivity_scan(model, specs, cfg, data, task, progress) if cfg.sensitivity else None

@@ -19,6 +19,7 @@ accuracy drop with labels):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -115,14 +116,19 @@ def _preprocess(in_path: Path, out_path: Path, notes: list[str]) -> str:
     """quant_pre_process with symbolic shape inference, then without it; the raw model if both fail."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # ONNX Runtime's symbolic shape inference saves its partial result into the working directory when it gives up
+    # (sym_shape_infer_temp.onnx and an external-data file): run it from the stage's temporary folder
+    in_path, out_path = in_path.resolve(), out_path.resolve()
     try:
-        quant_pre_process(str(in_path), str(out_path))
+        with contextlib.chdir(out_path.parent):
+            quant_pre_process(str(in_path), str(out_path))
         return "done"
     except Exception as exc:
         first = first_line(exc)
         log.debug("quant_pre_process failed", exc_info=True)
     try:
-        quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=True)
+        with contextlib.chdir(out_path.parent):
+            quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=True)
         notes.append(f"pre-processing without symbolic shape inference ({first[:160]})")
         return "done without symbolic shape inference"
     except Exception as exc:
@@ -726,9 +732,17 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
 
 def _input_floor_misses(builder: _Builder, default: _Candidate) -> bool:
     """Whether the fp32 model itself, on inputs rounded as the int8 model rounds them, misses the targets. Then
-    no model that quantizes its input can meet them, and the searches (which quantize more or fewer nodes behind
-    that input) are skipped: the model is this sensitive, whatever the quantizer does."""
-    floor = builder.judge.floor(builder.path(default))
+    no model that quantizes its input can meet them: the improvements that leave the input rounded (SmoothQuant,
+    equalization, bias correction, per-layer weights) are skipped; mixed precision still runs, since keeping the
+    nodes that read the input in float removes that rounding."""
+    try:
+        floor = builder.judge.floor(builder.path(default))
+    except (UserError, StageError):
+        raise
+    except Exception as exc:  # a diagnostic: it must not fail the stage
+        log.debug("input-rounding floor failed", exc_info=True)
+        builder.record.notes.append(f"the input-rounding floor could not be measured: {first_line(exc)[:200]}")
+        return False
     if floor is None:
         return False
     builder.record.input_floor = floor
@@ -739,8 +753,9 @@ def _input_floor_misses(builder: _Builder, default: _Candidate) -> bool:
     builder.record.notes.append(
         f"the fp32 model alone, on its inputs rounded to the int8 model's input step{snr}, already misses the "
         f"quantization targets: {_summary(floor)} (int8: {_summary(builder.scores[default])}). The model is this "
-        "sensitive to 8-bit rounding (random or barely trained weights, near-tied classes): equalization, "
-        "per-layer weights and mixed precision were skipped")
+        "sensitive to 8-bit rounding (random or barely trained weights, near-tied classes); what keeps the input "
+        "rounded cannot get below that, so SmoothQuant, equalization, bias correction and per-layer weights were "
+        "not tried (mixed precision, which can keep the input in float, still is)")
     return True
 
 
@@ -1078,7 +1093,7 @@ def _unambiguous_initializers(path: Path, out: Path) -> Path:
     Initializers whose name followed by digits names another tensor are renamed first (`out`); else `path`."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
         return path  # subgraphs may read an initializer by its outer name: leave the graph alone
     graph = model.graph
@@ -1086,13 +1101,15 @@ def _unambiguous_initializers(path: Path, out: Path) -> Path:
     names = {*initializers, *(v.name for v in (*graph.input, *graph.output, *graph.value_info)),
              *(t for n in graph.node for t in (*n.input, *n.output) if t)}
     clashing = set()
-    for name in names:
+    for name in names - initializers:  # ONNX Runtime skips suffixes other initializers have taken
         stem = name.rstrip("0123456789")
         for cut in range(len(stem), len(name)):  # every prefix that leaves at least one trailing digit
             if name[:cut] in initializers:
                 clashing.add(name[:cut])
     if not clashing:
         return path
+    model = onnx.load(str(path))
+    graph = model.graph
     renamed = {}
     for name in sorted(clashing):
         new = f"{name}_w"
@@ -1106,9 +1123,9 @@ def _unambiguous_initializers(path: Path, out: Path) -> Path:
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-    for value in graph.input:  # an initializer that is also a graph input (a default value)
+    for value in (*graph.input, *graph.output, *graph.value_info):  # e.g. an initializer that is also a graph input
         value.name = renamed.get(value.name, value.name)
-    onnx.save(model, str(out))
+    onnx.save(model, str(out), save_as_external_data=model.ByteSize() > 2**31 - 2**26)
     log.debug("renamed %d initializers whose numbered copies would clash with tensor names", len(renamed))
     return out
 
@@ -1146,8 +1163,9 @@ def _weight_share(fp32: Path, int8: Path, record: QuantizeRecord) -> None:
     if share < 0.5:
         where = ", ".join(f"{op} {count / before:.0%}" for op, count in sorted(remaining.items(), key=lambda kv: -kv[1])[:4])
         record.notes.append(f"only {share:.0%} of the model's weights are int8; the rest stay float ({where} of them): "
-                            "int8 can only speed up the part it quantizes (ONNX Runtime's static int8 covers Conv, "
-                            "MatMul and Gemm, not LSTM, GRU or RNN nodes)")
+                            "int8 can only speed up the part it quantizes (static int8 in ONNX Runtime covers Conv, MatMul "
+                            "and Gemm, not LSTM, GRU or RNN nodes; op_types, exclude_nodes and mixed precision also keep "
+                            "nodes float)")
 
 
 def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: Path, targets: Targets, threads: int,
@@ -1184,7 +1202,7 @@ def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: 
         except Exception as exc:  # an optional improvement never fails the stage
             log.debug("quantization improvements failed", exc_info=True)
             record.notes.append(f"equalization/bias correction/per-layer weights skipped: {first_line(exc)[:200]}")
-    if cfg.auto_mixed_precision and not builder.scores[current]["meets_targets"] and not futile:
+    if cfg.auto_mixed_precision and not builder.scores[current]["meets_targets"]:
         current = _mixed_precision(builder, current)
     shutil.copyfile(builder.path(current), out)
     if cfg.speed_search:

@@ -282,21 +282,31 @@ def _speed_checks(candidate: Candidate, gates: Mapping[str, float], added: set[s
     return checks
 
 
+SETTLED = 0.01  # an undecided speed interval this close to its threshold stops the timing
+
+
 def decide_speed(checks: Sequence[_SpeedCheck], timer: Timer | None, notes: list[str]) -> list[Gate]:
     """Speed gates on the confidence interval: pass when it clears the threshold, fail when it misses it;
     undecided gates get more rounds (within the plan's bounds), then fail as 'within noise'. Timing stops early
-    once every undecided interval lies within the A/A noise floor of its threshold: the difference is then
-    smaller than two copies of one model differ by, and more rounds cannot make it a real one."""
+    once every undecided interval lies within SETTLED (1%) of its threshold, or within the A/A control's own offset
+    from 1.0 when that is larger: a difference that small is not a speed difference a gate should rest on."""
+    settled: set[str] = set()
+
+    def band(measurement: Measurement | None) -> float:
+        aa = measurement.aa if measurement else None
+        return max(SETTLED, abs(aa.value - 1.0)) if aa is not None else SETTLED
+
     def undecided() -> list[_SpeedCheck]:
         measurement = timer.measurement() if timer else None
-        noise = measurement.noise if measurement else None
+        width = band(measurement)
         open_checks = []
         for c in checks:
             r = c.ratio(measurement)
             if r is None or r.decide(c.threshold) is not None:
                 continue
-            if noise is not None and c.threshold * (1 - noise) <= r.low and r.high <= c.threshold * (1 + noise):
-                continue  # within the noise floor: settled as undecided
+            if c.threshold * (1 - width) <= r.low and r.high <= c.threshold * (1 + width):
+                settled.add(c.model + c.gate)
+                continue
             open_checks.append(c)
         return open_checks
 
@@ -311,7 +321,13 @@ def decide_speed(checks: Sequence[_SpeedCheck], timer: Timer | None, notes: list
             gates.append(Gate(check.gate, check.model, None, check.threshold, False, check.default, check.baseline))
             continue
         verdict = ratio.decide(check.threshold)
-        if verdict is None:
+        if verdict is None and check.model + check.gate in settled:
+            notes.append(
+                f"gate {check.gate} on {check.model}: undecided, the speedup {ratio} over {check.baseline} lies within "
+                f"{band(measurement):.1%} of the threshold {check.threshold}: no speed difference worth gating on "
+                "(timing stopped there)"
+            )
+        elif verdict is None:
             noise = measurement.noise if measurement else None
             notes.append(
                 f"gate {check.gate} on {check.model}: undecided, the speedup {ratio} over {check.baseline} straddles the "
@@ -471,7 +487,12 @@ def verify_and_explain(
     notes = list(result.notes)
     for c in chosen:
         if c.name in failed and c.kind == "quantized":
-            notes.extend(_input_floor(c, runners, reference, result, dataset, task, cfg))
+            try:
+                notes.extend(_input_floor(c, runners, reference, result, dataset, task, cfg))
+            except UserError:
+                raise
+            except Exception as exc:  # a diagnostic of the verdict: it must not take the verdict with it
+                notes.append(f"{c.name}: the input-rounding floor could not be measured ({type(exc).__name__}: {exc})")
     result.outputs = {}  # the comparison is done: free the outputs before localisation needs memory
     first = next(iter(runners.values()), None)
     feeds = _probe_batch(first, dataset, cfg.latency_batch)
