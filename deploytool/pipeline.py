@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import shutil
 import time
 import traceback
@@ -734,4 +735,39 @@ def _verify(run: _Run, start: _Inputs, candidates: list[tuple[str, Path]], unpru
     if ratio is not None and interval and interval[1] < 1.0:
         run.notes.append(f"the int8 model is slower than the fp32 ONNX model on this CPU (speedup {ratio:.3f}x, "
                          f"interval [{interval[0]:.3f}, {interval[1]:.3f}])")
+    fragment["recommended"] = recommend(fragment, candidates)
+    chosen = fragment["recommended"]
+    run.notes.append(f"recommended artifact: {chosen['file']} ({chosen['why']})" if chosen["model"] else
+                     f"no artifact to recommend: {chosen['why']}")
     return fragment
+
+
+def recommend(fragment: dict[str, Any], candidates: list[tuple[str, Path]]) -> dict[str, Any]:
+    """The model of a run to ship: among its ONNX models (fp32, int8; pruned or not) whose every gate passed, the
+    fastest at the latency batch by the verify stage's measurement. The report's `recommended`."""
+    gates: list[dict[str, Any]] = fragment["gates"]  # type: ignore[assignment]
+    metrics: dict[str, Any] = fragment["metrics"]  # type: ignore[assignment]
+    files = {name: path.name for name, path in candidates}
+    passing = [name for name in files if all(g["passed"] for g in gates if g["model"] == name)]
+    if not passing:
+        failed = sorted({g["model"] for g in gates if not g["passed"]})
+        return {"model": None, "file": None, "why": f"every model fails a gate ({', '.join(failed)})"}
+
+    def p50(name: str) -> float:
+        latency = metrics.get(name, {}).get("latency_ms") or {}
+        return float(latency.get("p50") or math.inf)
+
+    best = min(passing, key=lambda name: (p50(name), name != "fp32"))  # equal or unmeasured: the float model
+    others = [f"{name} {p50(name):.3f} ms" for name in passing if name != best and math.isfinite(p50(name))]
+    speed = metrics.get(best, {}).get("speedup_vs_ort_fp32")
+    why = (f"passes its gates and is the fastest that does: {p50(best):.3f} ms p50" if math.isfinite(p50(best))
+           else "passes its gates (not timed)")
+    if others:
+        why += f" (vs {', '.join(others)})"
+    if speed is not None:
+        why += f", {float(speed):.2f}x the original's ONNX Runtime fp32 export"
+    failing = [name for name in files if name not in passing]
+    if failing:
+        why += f"; {', '.join(failing)} fail(s) a gate"
+    return {"model": best, "file": files[best], "latency_ms": p50(best) if math.isfinite(p50(best)) else None,
+            "speedup_vs_ort_fp32": speed, "why": why}

@@ -253,6 +253,10 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path)
         assert chosen["ratio"] == budget["max_effective_ratio"]
         assert any(n.startswith("latency budget not reached") for n in report["notes"])
     assert "Latency budget: pruning ratio" in (out / "report.md").read_text()
+    recommended = report["recommended"]  # the fastest of the run's models that passes its gates
+    assert recommended["model"] in ("fp32", "int8") and (out / recommended["file"]).exists()
+    assert all(g["passed"] for g in report["gates"] if g["model"] == recommended["model"])
+    assert any(n.startswith("recommended artifact: ") for n in report["notes"])
 
 
 def test_a_latency_budget_needs_channel_pruning() -> None:
@@ -263,3 +267,25 @@ def test_a_latency_budget_needs_channel_pruning() -> None:
     with pytest.raises(ValidationError, match="need method"):
         PruneConfig(method="magnitude", target_latency_ms=1.0)
     assert PruneConfig(target_latency_ms=0.5).max_ratio == 0.9
+
+
+def test_the_recommended_artifact_is_the_fastest_model_that_passes_its_gates() -> None:
+    from deploytool.pipeline import recommend
+
+    def fragment(fp32_ms: float, int8_ms: float, int8_passes: bool = True, fp32_passes: bool = True) -> dict[str, Any]:
+        gates = [{"name": "min_cosine", "model": "int8", "passed": int8_passes},
+                 {"name": "max_accuracy_drop", "model": "fp32", "passed": fp32_passes}]
+        metrics = {"fp32": {"latency_ms": {"p50": fp32_ms}, "speedup_vs_ort_fp32": 2.6},
+                   "int8": {"latency_ms": {"p50": int8_ms}, "speedup_vs_ort_fp32": 3.1}}
+        return {"gates": gates, "metrics": metrics}
+
+    files = [("fp32", Path("model.onnx")), ("int8", Path("model.int8.onnx"))]
+    chosen = recommend(fragment(0.30, 0.20), files)
+    assert chosen["model"] == "int8" and chosen["file"] == "model.int8.onnx" and "0.200 ms" in chosen["why"]
+    # a pruned fp32 model faster than its int8 version is the one to ship
+    assert recommend(fragment(0.30, 0.37), files)["model"] == "fp32"
+    # a model that fails a gate is never recommended, however fast
+    failing = recommend(fragment(0.30, 0.10, int8_passes=False), files)
+    assert failing["model"] == "fp32" and "int8 fail(s) a gate" in failing["why"]
+    none = recommend(fragment(0.30, 0.10, int8_passes=False, fp32_passes=False), files)
+    assert none["model"] is None and none["file"] is None and "fp32, int8" in none["why"]
