@@ -59,6 +59,8 @@ def input_rounding(model: Any) -> dict[str, Rounding]:
     inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == 1}  # float32
     readers: dict[str, list[Any]] = {}
     for node in model.graph.node:
+        if node.op_type in ("Shape", "Size"):  # they read the input's shape, not its values
+            continue
         for name in node.input:
             if name in inputs:
                 readers.setdefault(name, []).append(node)

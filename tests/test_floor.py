@@ -151,3 +151,5 @@ def test_an_input_that_a_float_node_also_reads_has_no_floor(tmp_path: Path) -> N
     assert input_rounding(model) == {}
     model.graph.node[3].input[1] = "d"  # now only the QuantizeLinear reads x
     assert set(input_rounding(onnx.load_from_string(model.SerializeToString()))) == {"x"}
+    model.graph.node.append(helper.make_node("Shape", ["x"], ["shape"]))  # a dynamic batch: reads the shape only
+    assert set(input_rounding(model)) == {"x"}
