@@ -55,7 +55,7 @@ def test_mixed_precision_keeps_the_fewest_sensitive_nodes_in_float(digits_run: t
 def test_recipe_mixed_precision_is_reported(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = invoke("run", ROOT / "recipes" / "digits-cnn.toml", "--out", out, "--set", "quantize.auto_mixed_precision=true",
-                    "--set", "quantize.min_cosine=0.999993", "--set", "verify.runs=3", "--set", "verify.memory=false",
+                    "--set", "quantize.min_cosine=0.99998", "--set", "verify.runs=3", "--set", "verify.memory=false",
                     "--set", "quantize.equalize=false", "--set", "quantize.bias_correction=false",
                     "--set", "verify.default_gates=false")
     assert result.exit_code == 0, result.output

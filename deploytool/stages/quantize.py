@@ -747,7 +747,15 @@ def _input_floor_misses(builder: _Builder, default: _Candidate) -> bool:
         return False
     builder.record.input_floor = floor
     builder.record.attempts.append({"search": "input rounding floor", "model": "fp32 on int8-rounded inputs", **floor})
-    if floor["meets_targets"]:
+    # a near-tied answer flips either way: the floor's top-1 agreement says how fragile the answers are, not what
+    # every int8 model must lose; only its cosine and SNR (every output value) bound the searches
+    bounded = floor["cosine"] < builder.judge.targets.min_cosine or (
+        builder.judge.targets.min_snr_db is not None and floor["snr_db"] < builder.judge.targets.min_snr_db)
+    if floor["meets_targets"] or not bounded:
+        if not floor["meets_targets"]:
+            builder.record.notes.append(
+                f"the fp32 model alone, on its inputs rounded to the int8 model's input step, already changes some "
+                f"answers ({_summary(floor)}): near-tied classes; the searches still run")
         return False
     snr = f" (input SNR {floor['input_snr_db']:.1f} dB)" if "input_snr_db" in floor else ""
     builder.record.notes.append(
@@ -912,6 +920,10 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
             high, best = mid, candidate
         else:
             low = mid
+    if high == computed and computed > 0:  # no compute node left in int8: Q/DQ pairs around a float model
+        record.notes.append(f"mixed precision: the targets hold only with every one of the {computed} compute nodes in "
+                            "float, which leaves no int8 compute to make the model faster: kept the int8 model")
+        return current
     if high > computed:  # float beyond the compute nodes: worth it only if the model stays faster than fp32
         judge = builder.judge
         speedup = judge.measure({"fp32": judge.fp32, "mixed": builder.path(best)}).speedup("fp32", "mixed")
