@@ -159,7 +159,7 @@ def search_ratio(
             search.chosen_ratio, search.met = high, True
         chosen = measured[round(search.chosen_ratio, 4)]
         chosen["chosen"] = True
-        search.chosen_ratio = float(chosen["ratio"])  # the smallest ratio that gave the chosen network
+        search.chosen_ratio = float(chosen["ratio"])  # the ratio the chosen network was measured at
         search.baseline_ms = float(chosen["original_ms"])
         search.needed_speedup = round(needed(chosen), 4)
     search.points.sort(key=lambda row: float(row["ratio"]))
