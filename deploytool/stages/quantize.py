@@ -731,10 +731,10 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
 
 
 def _input_floor_misses(builder: _Builder, default: _Candidate) -> bool:
-    """Whether the fp32 model itself, on inputs rounded as the int8 model rounds them, misses the targets. Then
-    no model that quantizes its input can meet them: the improvements that leave the input rounded (SmoothQuant,
-    equalization, bias correction, per-layer weights) are skipped; mixed precision still runs, since keeping the
-    nodes that read the input in float removes that rounding."""
+    """Whether the fp32 model itself, on inputs rounded as the int8 model rounds them, misses the cosine or SNR
+    target. Then a model that quantizes its input is not expected to meet it: the improvements that leave the input
+    rounded (SmoothQuant, equalization, bias correction, per-layer weights) are skipped; mixed precision still
+    runs, since keeping the nodes that read the input in float removes that rounding."""
     try:
         floor = builder.judge.floor(builder.path(default))
     except (UserError, StageError):
