@@ -81,7 +81,7 @@ def test_float_and_dynamic_models_round_no_input(tmp_path: Path) -> None:
     assert input_rounding(onnx.load(str(tmp_path / "dynamic.onnx"))) == {}
 
 
-def test_a_model_that_int8_rounding_breaks_by_itself_is_named_and_not_searched(tmp_path: Path) -> None:
+def test_a_model_that_int8_rounding_breaks_by_itself_is_named_and_only_mixed_precision_searches(tmp_path: Path) -> None:
     """The quantize stage measures the floor when the default int8 misses its targets, skips the searches that
     cannot get below it, and says so; verify records the floor of a failing int8 model and explains it."""
     from deploytool.recipe import QuantizeConfig, VerifyConfig
