@@ -47,7 +47,7 @@ def require_positional(model: torch.nn.Module, input_names: Sequence[str], stage
 
         order = [p for p in inspect.signature(model.forward).parameters if p in set(input_names)]
         raise UserError(f"{stage} calls forward() with the inputs by position, and {type(model).__name__}.forward() takes "
-                        f"{list(input_names)} in another order ({order}, with other parameters between them)",
+                        f"{list(input_names)} in another order or with other parameters between them (its order: {order})",
                         "list [model] inputs in forward()'s order, or prune and distill a model whose forward() takes "
                         "them first and in that order")
 
