@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from deploytool.data import Dataset
 from deploytool.runners import Runner
 
 
@@ -97,6 +99,23 @@ class RoundedInputs:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner.infer(round_inputs(feeds, self.rounding))
+
+
+def run_rounded(runner: Runner, quantized: Path, dataset: Dataset, batch: int, pad: bool = False
+                ) -> tuple[list[np.ndarray], float | None] | None:
+    """`runner` over `dataset` with its inputs rounded as the quantized model at `quantized` rounds them, and the
+    SNR (dB, finite, else None) of that rounding; None when that model rounds no float input (dynamic, QOperator,
+    integer inputs, an input a float node also reads)."""
+    import onnx
+
+    from deploytool.runners import infer_dataset
+
+    rounding = input_rounding(onnx.load(str(quantized), load_external_data=False))
+    if not rounding:
+        return None
+    outputs = infer_dataset(RoundedInputs(runner, rounding), dataset, batch, pad=pad)
+    snr = input_snr_db(dataset.feeds, rounding)
+    return outputs, round(snr, 2) if snr is not None and np.isfinite(snr) else None
 
 
 def input_snr_db(feeds: Mapping[str, np.ndarray], rounding: Mapping[str, Rounding]) -> float | None:

@@ -134,7 +134,7 @@ def search_ratio(
 
         # Torch-Pruning leaves a layer alone when its ratio would round its width to nothing (round_to), so past
         # some ratio MACs grow again: the search's upper end is the ratio with the fewest MACs on a grid
-        grid = [r for r in np.round(np.arange(0.1, cfg.max_ratio + 1e-9, 0.1), 4).tolist()] or [cfg.max_ratio]
+        grid = np.round(np.arange(0.1, cfg.max_ratio + 1e-9, 0.1), 4).tolist() or [cfg.max_ratio]
         example = tuple(torch.from_numpy(np.ascontiguousarray(example_data.feeds[s.name][:1])) for s in specs)
         macs = {r: count_macs(channel_prune(model, specs, cfg.model_copy(update={"ratio": r}), data), example)[0] for r in grid}
         known = {r: m for r, m in macs.items() if m is not None}

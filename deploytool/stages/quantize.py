@@ -404,19 +404,17 @@ class _Judge:
     def floor(self, path: Path) -> dict[str, Any] | None:
         """The fp32 model scored on inputs rounded as the quantized model at `path` rounds them (deploytool.floor);
         None when that model rounds no float input (dynamic, QOperator, integer inputs)."""
-        import onnx
+        from deploytool.floor import run_rounded
+        from deploytool.runners import OrtRunner
 
-        from deploytool.floor import RoundedInputs, input_rounding, input_snr_db
-        from deploytool.runners import OrtRunner, infer_dataset
-
-        rounding = input_rounding(onnx.load(str(path), load_external_data=False))
-        if not rounding:
+        measured = run_rounded(OrtRunner("fp32", self.fp32, self.threads), path, self.evaluation, self.fixed or 64,
+                               pad=self.fixed is not None)
+        if measured is None:
             return None
-        runner = RoundedInputs(OrtRunner("fp32", self.fp32, self.threads), rounding)
-        result = self.grade(infer_dataset(runner, self.evaluation, self.fixed or 64, pad=self.fixed is not None))
-        snr = input_snr_db(self.evaluation.feeds, rounding)
-        if snr is not None and math.isfinite(snr):
-            result["input_snr_db"] = round(snr, 2)
+        outputs, snr = measured
+        result = self.grade(outputs)
+        if snr is not None:
+            result["input_snr_db"] = snr
         return result
 
     def grade(self, outs: list[np.ndarray]) -> dict[str, Any]:

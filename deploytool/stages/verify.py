@@ -290,7 +290,7 @@ def decide_speed(checks: Sequence[_SpeedCheck], timer: Timer | None, notes: list
     undecided gates get more rounds (within the plan's bounds), then fail as 'within noise'. Timing stops early
     once every undecided interval lies within SETTLED (1%) of its threshold, or within the A/A control's own offset
     from 1.0 when that is larger: a difference that small is not a speed difference a gate should rest on."""
-    settled: set[str] = set()
+    settled: set[tuple[str, str]] = set()
 
     def band(measurement: Measurement | None) -> float:
         aa = measurement.aa if measurement else None
@@ -305,7 +305,7 @@ def decide_speed(checks: Sequence[_SpeedCheck], timer: Timer | None, notes: list
             if r is None or r.decide(c.threshold) is not None:
                 continue
             if c.threshold * (1 - width) <= r.low and r.high <= c.threshold * (1 + width):
-                settled.add(c.model + c.gate)
+                settled.add((c.model, c.gate))
                 continue
             open_checks.append(c)
         return open_checks
@@ -321,7 +321,7 @@ def decide_speed(checks: Sequence[_SpeedCheck], timer: Timer | None, notes: list
             gates.append(Gate(check.gate, check.model, None, check.threshold, False, check.default, check.baseline))
             continue
         verdict = ratio.decide(check.threshold)
-        if verdict is None and check.model + check.gate in settled:
+        if verdict is None and (check.model, check.gate) in settled:
             notes.append(
                 f"gate {check.gate} on {check.model}: undecided, the speedup {ratio} over {check.baseline} lies within "
                 f"{band(measurement):.1%} of the threshold {check.threshold}: no speed difference worth gating on "
@@ -527,26 +527,24 @@ def _input_floor(candidate: Candidate, runners: Mapping[str, OrtRunner], referen
     """For a quantized candidate that failed a quality gate: its float base model (or the reference) run on inputs
     rounded as the candidate rounds them (deploytool.floor), scored like the candidate; recorded in its metrics
     as `input_rounding_floor`, with a note when that rounding alone already costs what the gates allow."""
-    import onnx
-
-    from deploytool.floor import RoundedInputs, describe, input_rounding, input_snr_db
+    from deploytool.floor import describe, run_rounded
 
     assert isinstance(candidate.runner, OrtRunner)
-    rounding = input_rounding(onnx.load(str(candidate.runner.path), load_external_data=False))
     base = runners.get(candidate.base or "") or reference
-    if not rounding or base.name not in result.outputs:
+    if base.name not in result.outputs:
         return []
     with torch_threads(cfg.threads):
-        rounded = infer_dataset(RoundedInputs(base, rounding), dataset, _batch_size(base, cfg.batch_size),
-                                pad=_fixed_batch(base) is not None) if isinstance(base, OrtRunner) else \
-            infer_dataset(RoundedInputs(base, rounding), dataset, cfg.batch_size)
+        measured = run_rounded(base, candidate.runner.path, dataset, _batch_size(base, cfg.batch_size),
+                               pad=_fixed_batch(base) is not None)
+    if measured is None:
+        return []
+    rounded, snr = measured
     compared = compare_outputs(base.output_names, result.outputs[base.name], rounded, task, None)
     floor: dict[str, object] = {"against": base.name, "cosine": compared.get("cosine_mean"), "snr_db": compared.get("snr_db")}
     if "top1_agreement" in compared:
         floor["top1_agreement"] = compared["top1_agreement"]
-    snr = input_snr_db(dataset.feeds, rounding)
-    if snr is not None and math.isfinite(snr):
-        floor["input_snr_db"] = round(snr, 2)
+    if snr is not None:
+        floor["input_snr_db"] = snr
     result.metrics[candidate.name]["input_rounding_floor"] = floor
     gates = {g.name: g.threshold for g in result.gates if g.model == candidate.name}
     misses = [label for key, gate, label in (("cosine", "min_cosine", "cosine"), ("top1_agreement", "min_top1_agreement", "top-1 agreement"),
