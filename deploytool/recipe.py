@@ -86,6 +86,8 @@ class DataConfig(Strict):
 class PruneConfig(Strict):
     method: Literal["channel", "magnitude", "nm"] = "channel"
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of channels (channel) or weights (magnitude) removed")
+    heads_ratio: float | None = Field(None, ge=0, lt=1, description="channel: fraction of the attention heads removed in "
+                                      "every attention layer of a transformer (default: ratio; 0 keeps them all)")
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     round_to: int | None = Field(8, ge=1, description="keep channel counts multiples of this")
     iterative_steps: int = Field(1, ge=1)
@@ -130,6 +132,9 @@ class DistillConfig(Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss when labels exist")
     loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without improvement")
+    hidden_states: bool | None = Field(None, description="also match the teacher's LayerNorm outputs (default: for "
+                                       "models with attention layers)")
+    hidden_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the hidden-state loss")
     seed: int = 0
     student_factory: str | None = Field(None, description="train this model instead of the pruned one")
     student_checkpoint: str | None = None

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 SIZE_ATTRIBUTES = (
     "in_channels", "out_channels", "in_features", "out_features", "num_features", "groups",
     "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "hidden_size", "normalized_shape", "num_channels",
+    "num_attention_heads", "all_head_size", "n_heads",
 )
+# attention layers whose heads can be removed whole: separate query/key/value projections (Hugging Face
+# BERT/RoBERTa/ViT/DeiT, Whisper/CLIP/BART, DistilBERT naming) and an integer head count
+PROJECTION_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 METADATA_KEY = "deploytool.layer_sizes"
 
 
@@ -105,6 +110,71 @@ def output_heads(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> l
     if order:
         heads.add(order[-1])
     return sorted(heads)
+
+
+@dataclass
+class AttentionLayer:
+    """An attention module whose heads channel pruning removes whole: its projections and head-count attribute."""
+
+    name: str
+    module: Any
+    projections: list[Any]
+    heads_attribute: str
+
+    @property
+    def heads(self) -> int:
+        return int(getattr(self.module, self.heads_attribute))
+
+    def projection_names(self) -> list[str]:
+        children = {id(m): n for n, m in self.module.named_children()}
+        return [f"{self.name}.{children[id(p)]}" if self.name else children[id(p)] for p in self.projections]
+
+
+def attention_layers(model: torch.nn.Module) -> tuple[list[AttentionLayer], list[str]]:
+    """(attention layers with separate q/k/v projections, names of attention layers with one fused qkv projection).
+
+    Heads are found by structure, not by class: a module with an integer head count (num_attention_heads,
+    num_heads, n_heads, n_head or heads) and Linear children query/key/value, q_proj/k_proj/v_proj or
+    q_lin/k_lin/v_lin."""
+    from torch import nn
+
+    found: list[AttentionLayer] = []
+    fused: list[str] = []
+    for name, module in model.named_modules():
+        attribute = next((a for a in HEAD_COUNT_ATTRIBUTES
+                          if isinstance(getattr(module, a, None), int) and not isinstance(getattr(module, a), bool)), None)
+        if attribute is None:
+            continue
+        children = dict(module.named_children())
+        for names in PROJECTION_NAMES:
+            projections = [children.get(n) for n in names]
+            if all(isinstance(p, nn.Linear) for p in projections):
+                found.append(AttentionLayer(name, module, projections, attribute))
+                break
+        else:
+            if isinstance(children.get("qkv"), nn.Linear) or isinstance(children.get("in_proj"), nn.Linear):
+                fused.append(name)
+    return found, fused
+
+
+def residual_width_layers(model: torch.nn.Module, attention: Sequence[AttentionLayer], fused: Sequence[str]) -> list[str]:
+    """Layers that write the transformer's residual stream (output width = the attention input width), which channel
+    pruning leaves at full width: pruning the hidden size touches every layer, embedding and LayerNorm at once, and
+    costs far more accuracy per millisecond than removing heads and feed-forward units."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    widths = {a.projections[0].in_features for a in attention}
+    widths |= {modules[n].qkv.in_features if hasattr(modules[n], "qkv") else modules[n].in_proj.in_features for n in fused}
+    projections = {id(p) for a in attention for p in a.projections}
+    chosen = []
+    for name, module in _prunable(model).items():
+        width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        if width in widths and id(module) not in projections:
+            chosen.append(name)
+    # a fused qkv projection is left whole: Torch-Pruning cannot remove heads from it
+    chosen += [".".join(filter(None, [n, "qkv" if hasattr(modules[n], "qkv") else "in_proj"])) for n in fused]
+    return chosen
 
 
 def _resolve_ignored(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -196,9 +266,25 @@ def channel_prune(
 
     pruned = copy.deepcopy(model).eval()
     example = _example(specs, data)
-    ignored_names = sorted(set(output_heads(pruned, example)) | set(_resolve_ignored(pruned, cfg.ignore)))
+    attention, fused = attention_layers(pruned)
+    ignored_names = sorted(set(output_heads(pruned, example)) | set(_resolve_ignored(pruned, cfg.ignore))
+                           | set(residual_width_layers(pruned, attention, fused)))
     modules = dict(pruned.named_modules())
     kwargs: dict[str, Any] = {}
+    attention = [a for a in attention if a.name not in ignored_names and a.heads > 1]
+    heads_ratio = cfg.ratio if cfg.heads_ratio is None else cfg.heads_ratio
+    head_ratios: dict[Any, float] = {}
+    for layer in attention:
+        names = layer.projection_names()
+        ratio = heads_ratio if ratio_by_layer is None else max((ratio_by_layer.get(n, 0.0) for n in names), default=0.0)
+        if ratio > 0:  # whole heads, at least one kept (Torch-Pruning rounds the number removed up)
+            head_ratios.update(dict.fromkeys(layer.projections, min(ratio, (layer.heads - 1) / layer.heads) - 1e-9))
+        else:
+            ignored_names = sorted(set(ignored_names) | set(names))
+    attention = [a for a in attention if a.projections[0] in head_ratios]
+    if attention:
+        kwargs.update(num_heads={p: a.heads for a in attention for p in a.projections}, prune_num_heads=True,
+                      prune_head_dims=False, head_pruning_ratio_dict=head_ratios)
     if ratio_by_layer is not None:
         kwargs["pruning_ratio_dict"] = {modules[n]: r for n, r in ratio_by_layer.items()}
     try:
@@ -217,6 +303,11 @@ def channel_prune(
             if cfg.importance == "taylor":
                 _taylor_gradients(pruned, specs, data, model)
             pruner.step()
+        for layer in attention:
+            heads = int(pruner.num_heads[layer.projections[0]])
+            setattr(layer.module, layer.heads_attribute, heads)
+            if isinstance(getattr(layer.module, "all_head_size", None), int):
+                layer.module.all_head_size = layer.projections[0].out_features
     except UserError:
         raise
     except Exception as exc:
@@ -295,7 +386,10 @@ def sensitivity_scan(
     from deploytool.runners import TorchRunner, infer_dataset
 
     example = _example(specs, data)
-    skip = set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
+    attention, fused = attention_layers(model)
+    # the residual stream keeps its width; an attention layer's heads are scanned once, under its first projection
+    skip = (set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
+            | set(residual_width_layers(model, attention, fused)) | {n for a in attention for n in a.projection_names()[1:]})
     layers = [n for n in _prunable(model) if n not in skip]
     reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], None), data, 256)
     baseline = _score(model, specs, data, reference, task)
