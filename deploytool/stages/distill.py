@@ -2,7 +2,10 @@
 
 Classification: alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T);
 without labels only the teacher's soft targets train (alpha is ignored). Other tasks use
-MSE or cosine loss to the teacher's outputs. Under `torchrun` the same call trains
+MSE or cosine loss to the teacher's outputs. For transformers (and wherever `hidden_states` asks for
+it) the student also matches the teacher's hidden states: the MSE between the outputs of every
+LayerNorm the two share by name and shape (the residual stream, which head and feed-forward pruning
+leave at full width), averaged over layers and weighted by `hidden_weight`. Under `torchrun` the same call trains
 data-parallel (DDP; gloo on CPU, nccl on GPU) and only rank 0 writes anything.
 """
 
@@ -37,6 +40,7 @@ class DistillRecord:
     initial_score: float
     history: list[dict[str, float]] = field(default_factory=list)
     world_size: int = 1
+    hidden_states: list[str] = field(default_factory=list)  # the LayerNorms whose outputs the student matched
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,6 +91,50 @@ def distill_loss(
     if kind == "cosine":
         return (1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
     return F.mse_loss(student, teacher)
+
+
+class HiddenStates:
+    """Forward hooks on the LayerNorms teacher and student share (same name; shapes checked per batch), and the
+    hidden-state loss between their outputs."""
+
+    def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+        from torch import nn
+
+        norms = {n for n, m in teacher.named_modules() if isinstance(m, nn.LayerNorm)}
+        self.names = sorted(n for n, m in student.named_modules() if isinstance(m, nn.LayerNorm) and n in norms)
+        self.outputs: dict[str, dict[str, torch.Tensor]] = {"teacher": {}, "student": {}}
+        self.hooks = []
+        for role, model in (("teacher", teacher), ("student", student)):
+            modules = dict(model.named_modules())
+            for name in self.names:
+                def hook(module: Any, args: Any, out: Any, role: str = role, name: str = name) -> None:
+                    self.outputs[role][name] = out
+                self.hooks.append(modules[name].register_forward_hook(hook))
+
+    def loss(self) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        pairs = [(self.outputs["student"][n], self.outputs["teacher"][n]) for n in self.names
+                 if n in self.outputs["student"] and n in self.outputs["teacher"]]
+        pairs = [(s, t) for s, t in pairs if s.shape == t.shape]
+        self.outputs = {"teacher": {}, "student": {}}
+        if not pairs:
+            return torch.zeros(())
+        return torch.stack([F.mse_loss(s, t.detach()) for s, t in pairs]).mean()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _wants_hidden_states(cfg: DistillConfig, student: torch.nn.Module) -> bool:
+    if cfg.hidden_states is not None:
+        return cfg.hidden_states
+    from deploytool.stages.prune import attention_layers
+
+    found, fused = attention_layers(student)
+    return bool(found or fused)
 
 
 def _evaluate(
@@ -157,6 +205,12 @@ def distill(
         "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(steps, 1)),
     }[cfg.schedule]()
 
+    hidden = HiddenStates(teacher, student) if _wants_hidden_states(cfg, student) else None
+    if hidden is not None and not hidden.names:
+        hidden.remove()
+        hidden = None
+        if cfg.hidden_states:
+            log.warning("hidden_states: teacher and student share no LayerNorm; only the outputs are matched")
     teacher_val = infer_dataset(TorchRunner("teacher", teacher, names, None), validation, 256)[0]
     metric, initial = _evaluate(student, teacher_val, specs, validation, task)
     best_score, best_epoch = initial, 0
@@ -173,6 +227,8 @@ def distill(
             with torch.no_grad():
                 target = _first(teacher(*inputs))
             loss = distill_loss(_first(model(*inputs)), target, labels, kind, cfg)
+            if hidden is not None:
+                loss = loss + cfg.hidden_weight * hidden.loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -191,8 +247,11 @@ def distill(
         elif cfg.patience is not None and epoch - best_epoch >= cfg.patience:
             log.info("early stop: no improvement for %d epochs", cfg.patience)
             break
+    if hidden is not None:
+        hidden.remove()
     student.load_state_dict(best_state)
-    record = DistillRecord(epochs_run, best_epoch, metric, best_score, initial, history, size)
+    record = DistillRecord(epochs_run, best_epoch, metric, best_score, initial, history, size,
+                           hidden.names if hidden is not None else [])
     return student.eval(), record
 
 

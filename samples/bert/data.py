@@ -52,3 +52,13 @@ def calibration() -> Iterator[dict[str, np.ndarray]]:
 
 def validation() -> Iterator[dict[str, np.ndarray]]:
     return _batches("val")
+
+
+def train() -> Iterator[dict[str, np.ndarray]]:
+    """The training split (with labels), for distilling a pruned encoder."""
+    return _batches("train", labels=True)
+
+
+def labelled_validation() -> Iterator[dict[str, np.ndarray]]:
+    """The validation split with its labels, for gating a pruned encoder on task accuracy."""
+    return _batches("val", labels=True)

@@ -38,3 +38,8 @@ def calibration() -> Iterator[dict[str, np.ndarray]]:
 
 def validation() -> Iterator[dict[str, np.ndarray]]:
     return _batches("val")
+
+
+def train() -> Iterator[dict[str, np.ndarray]]:
+    """The training split, for distilling a pruned model."""
+    return _batches("train")
