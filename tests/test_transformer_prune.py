@@ -144,6 +144,7 @@ def test_bert_heads_and_feed_forward_units_are_removed_whole_and_reload(models: 
         assert layer.intermediate.dense.out_features == 64  # feed-forward units halved
         assert layer.output.dense.out_features == 64 and layer.output.LayerNorm.normalized_shape == (64,)  # residual kept
     assert record.params_after < record.params_before
+    assert "attention heads kept per layer: 2/4, 2/4 (whole heads removed; the residual width 64 is kept)" in record.notes
     feeds = [torch.from_numpy(data.feeds[s.name][:6]) for s in specs]
     with torch.no_grad():
         out = pruned(*feeds)
@@ -220,7 +221,8 @@ def test_a_fused_qkv_projection_keeps_its_heads_and_the_rest_is_pruned(models: P
     data = Dataset({"tokens": np.random.default_rng(2).random((16, 8, 4), dtype=np.float32)})
     model = load_model(f"{models}:fused", None, models.parent)
     assert attention_layers(model) == ([], ["attn"])
-    pruned, _ = prune_model(model, specs, PruneConfig(ratio=0.5), data, "classification")
+    pruned, record = prune_model(model, specs, PruneConfig(ratio=0.5), data, "classification")
+    assert any("fused qkv projection keep every head (attn)" in n for n in record.notes)
     assert pruned.attn.qkv.out_features == 96 and pruned.embed.out_features == 32
     assert pruned.mlp[0].out_features == 64
     with torch.no_grad():

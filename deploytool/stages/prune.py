@@ -451,6 +451,7 @@ def prune_model(
                          f"{chosen['original_ms']:.3f} ms; needs {search.needed_speedup:.2f}x)")
     if cfg.method == "channel":
         pruned = channel_prune(model, specs, cfg, data)
+        notes.extend(_attention_notes(model, pruned))
     else:
         pruned, sparsity = magnitude_prune(model, cfg) if cfg.method == "magnitude" else nm_prune(model, cfg)
         ignored = sorted(set(_resolve_ignored(model, cfg.ignore)))
@@ -462,6 +463,21 @@ def prune_model(
     record = PruneRecord(cfg.method, cfg.ratio, params_before, params_after, macs_before, macs_after, ignored, sparsity, sensitivity, notes,
                          budget)
     return pruned, record
+
+
+def _attention_notes(model: torch.nn.Module, pruned: torch.nn.Module) -> list[str]:
+    """What pruning did to the attention layers: heads kept per layer, and which layers kept every head."""
+    before, fused = attention_layers(model)
+    after = {a.name: a.heads for a in attention_layers(pruned)[0]}
+    notes = []
+    if before:
+        counts = ", ".join(f"{after.get(a.name, a.heads)}/{a.heads}" for a in before)
+        notes.append(f"attention heads kept per layer: {counts} (whole heads removed; the residual width "
+                     f"{before[0].projections[0].in_features} is kept)")
+    if fused:
+        notes.append(f"{len(fused)} attention layer(s) with one fused qkv projection keep every head "
+                     f"({', '.join(fused[:3])}{' ...' if len(fused) > 3 else ''}); their feed-forward layers are pruned")
+    return notes
 
 
 def layer_sizes(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
