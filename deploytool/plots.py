@@ -93,3 +93,37 @@ def models_plot(report: dict[str, Any]) -> str | None:
         low = min(q for q in quality if q) if any(quality) else 0.0
         axes[1].set_xlim(max(0.0, low - 0.05), 1.0)
     return _encode(fig)
+
+
+def budget_plot(budget: dict[str, Any]) -> str | None:
+    """The latency-budget search's trade-off curve: pruning ratio -> measured speedup (with its interval) and the
+    pruned model's agreement with the original before distillation; the budget and the chosen ratio marked."""
+    points = sorted((p for p in budget.get("points") or [] if isinstance(p.get("speedup"), (int, float))),
+                    key=lambda p: float(p["ratio"]))
+    if not points:
+        return None
+    fig, ax = _figure()
+    ratios = [float(p["ratio"]) for p in points]
+    speedups = [float(p["speedup"]) for p in points]
+    low = [s - float((p.get("speedup_ci") or [s, s])[0]) for s, p in zip(speedups, points)]
+    high = [float((p.get("speedup_ci") or [s, s])[1]) - s for s, p in zip(speedups, points)]
+    ax.errorbar(ratios, speedups, yerr=[low, high], marker="o", capsize=3, label="speedup vs original (ORT fp32)")
+    needed = budget.get("needed_speedup")
+    if isinstance(needed, (int, float)) and needed > 0:
+        ax.axhline(float(needed), color="grey", linestyle="--", linewidth=1, label=f"budget {float(needed):.2f}x")
+    chosen = [p for p in points if p.get("chosen")]
+    if chosen:
+        ax.plot([float(chosen[0]["ratio"])], [float(chosen[0]["speedup"])], marker="*", markersize=14, color="C3",
+                linestyle="none", label="chosen")
+    ax.set_xlabel("pruning ratio")
+    ax.set_ylabel("speedup (x)")
+    key = "top1_agreement" if any(isinstance(p.get("top1_agreement"), (int, float)) for p in points) else "cosine"
+    quality = [(float(p["ratio"]), float(p[key])) for p in points
+               if isinstance(p.get(key), (int, float)) and math.isfinite(float(p[key]))]
+    if quality:
+        twin = ax.twinx()
+        twin.plot([r for r, _ in quality], [q for _, q in quality], marker="s", color="C2", alpha=0.7)
+        twin.set_ylabel(f"{key.replace('_', ' ')} before distillation", color="C2")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("Latency budget: ratio -> measured speedup")
+    return _encode(fig)

@@ -253,6 +253,8 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path)
         assert chosen["ratio"] == budget["max_effective_ratio"]
         assert any(n.startswith("latency budget not reached") for n in report["notes"])
     assert "Latency budget: pruning ratio" in (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "Latency budget: pruning ratio, measured speedup" in html  # the trade-off curve drawn as a plot
     recommended = report["recommended"]  # the fastest of the run's models that passes its gates
     assert recommended["model"] in ("fp32", "int8") and (out / recommended["file"]).exists()
     assert all(g["passed"] for g in report["gates"] if g["model"] == recommended["model"])

@@ -275,10 +275,14 @@ _CSS = (
 
 
 def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
-    from deploytool.plots import latency_plot, layer_error_plot, models_plot
+    from deploytool.plots import budget_plot, latency_plot, layer_error_plot, models_plot
 
     wanted: list[tuple[str, Any]] = [("Size, quality and latency", lambda: models_plot(report)),
                                      ("Latency", lambda: latency_plot(report.get("latency_samples_ms") or {}))]
+    budget = _get(report, "prune", "budget")
+    if isinstance(budget, dict):
+        wanted.append(("Latency budget: pruning ratio, measured speedup and agreement before distillation",
+                       lambda: budget_plot(budget)))
     for model, where in (report.get("localization") or {}).items():
         if not isinstance(where, dict):
             continue
