@@ -135,6 +135,8 @@ class DistillConfig(Strict):
     hidden_states: bool | None = Field(None, description="also match the teacher's LayerNorm outputs (default: for "
                                        "models with attention layers)")
     hidden_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the hidden-state loss")
+    recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics on the training data before "
+                                 "each validation")
     seed: int = 0
     student_factory: str | None = Field(None, description="train this model instead of the pruned one")
     student_checkpoint: str | None = None

@@ -168,7 +168,9 @@ def test_distillation_recovers_accuracy_deterministically(specs: Any, calib: Any
     cfg = DistillConfig(epochs=2, lr=3e-3, seed=3)
     first, record = distill(teacher, student, specs, calib, val, "classification", cfg)
     second, _ = distill(teacher, student, specs, calib, val, "classification", cfg)
-    assert record.best_score > record.initial_score + 0.3
+    # the pruned student starts with its BatchNorm statistics re-estimated (about 0.78 here, where stale ones gave
+    # far less); two epochs take it close to the teacher's 0.993
+    assert record.initial_score > 0.5 and record.best_score > max(record.initial_score + 0.1, 0.97)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     assert len(record.history) == 2 and record.metric == "accuracy"
 
@@ -291,3 +293,41 @@ def test_the_recommended_artifact_is_the_fastest_model_that_passes_its_gates() -
     assert failing["model"] == "fp32" and "int8 fail(s) a gate" in failing["why"]
     none = recommend(fragment(0.30, 0.10, int8_passes=False, fp32_passes=False), files)
     assert none["model"] is None and none["file"] is None and "fp32, int8" in none["why"]
+
+
+def test_batchnorm_statistics_are_re_estimated_on_the_training_inputs() -> None:
+    """A BatchNorm with TensorFlow's slow momentum (0.003, as transformers' MobileNets set it) keeps stale running
+    statistics through a short distillation; recalibration replaces them with the plain average over the data."""
+    import torch
+    from torch import nn
+
+    from deploytool.stages.distill import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.003), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(144, 3)).eval()
+    data = torch.randn(96, 1, 8, 8) * 3 + 2
+    loader = [(data[i:i + 32],) for i in range(0, 96, 32)]
+    assert recalibrate_batchnorm(model, loader, use_labels=False)
+    with torch.no_grad():
+        features = model[0](data)
+    torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert model[1].momentum == 0.003 and not model.training and not model[1].training
+    labelled = [(data[i:i + 32], torch.zeros(32, dtype=torch.long)) for i in range(0, 96, 32)]
+    assert recalibrate_batchnorm(model, labelled, use_labels=True)
+    assert not recalibrate_batchnorm(nn.Linear(2, 2), loader, use_labels=False)  # nothing to do without BatchNorm
+
+
+def test_the_hf_mobilenet_sample_loads_and_classifies() -> None:
+    """The shipped checkpoint of transformers' MobileNetV2 (samples/hfmobilenet) reloads from its factory."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from deploytool.stages.load import load_model
+    from samples.mobilenet.data import load
+
+    model = load_model(f"{ROOT / 'samples/hfmobilenet/model.py'}:build", ROOT / "samples/hfmobilenet/mobilenet.pt", ROOT)
+    images, labels = load("val")
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(images)).argmax(1).numpy() == labels).mean()
+    assert accuracy > 0.8

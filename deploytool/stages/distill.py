@@ -128,6 +128,38 @@ class HiddenStates:
             hook.remove()
 
 
+def recalibrate_batchnorm(model: torch.nn.Module, loader: Any, use_labels: bool, limit: int = 4096) -> bool:
+    """Re-estimate every BatchNorm's running mean and variance on training inputs (a plain average over up to
+    `limit` samples, no gradients, the rest of the model in eval mode). Pruning changes the statistics the layers
+    see, and a short distillation with a slow running-average momentum (transformers' MobileNets and EfficientNets
+    use TensorFlow's 0.997, i.e. 0.003) leaves them far behind the weights. Returns whether there was any."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            inputs = batch[:-1] if use_labels else batch
+            model(*inputs)
+            seen += len(inputs[0])
+            if seen >= limit:
+                break
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
 def _wants_hidden_states(cfg: DistillConfig, student: torch.nn.Module) -> bool:
     if cfg.hidden_states is not None:
         return cfg.hidden_states
@@ -212,6 +244,8 @@ def distill(
         if cfg.hidden_states:
             log.warning("hidden_states: teacher and student share no LayerNorm; only the outputs are matched")
     teacher_val = infer_dataset(TorchRunner("teacher", teacher, names, None), validation, 256)[0]
+    if cfg.recalibrate_bn:
+        recalibrate_batchnorm(student, loader, use_labels)
     metric, initial = _evaluate(student, teacher_val, specs, validation, task)
     best_score, best_epoch = initial, 0
     best_state = copy.deepcopy(student.state_dict())
@@ -235,6 +269,8 @@ def distill(
             scheduler.step()
             total += loss.item() * len(inputs[0])
             count += len(inputs[0])
+        if cfg.recalibrate_bn:
+            recalibrate_batchnorm(student, loader, use_labels)
         student.eval()
         _, score = _evaluate(student, teacher_val, specs, validation, task)
         epochs_run = epoch

@@ -102,3 +102,8 @@ def degrade(images: np.ndarray, rng: np.random.Generator, size: int = SIZE) -> n
     background = rng.uniform(0.0, 0.5, n)[:, None, None]
     seen = background + contrast * warped + rng.normal(0.0, 0.25, warped.shape)
     return ((seen[:, None] - 0.5) / 0.5).astype(np.float32)
+
+
+def train() -> Iterator[dict[str, np.ndarray]]:
+    """The training split, degraded once (seed 0), for distilling a pruned model."""
+    return _batches("train")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,11 @@ SEED = 0
 
 def train(images: np.ndarray, labels: np.ndarray, epochs: int, log: bool = True,
           val: tuple[np.ndarray, np.ndarray] | None = None, optimizer_name: str = "sgd", lr: float = 0.1,
-          weight_decay: float = 5e-4) -> nn.Module:
+          weight_decay: float = 5e-4, factory: Callable[[], nn.Module] = build) -> nn.Module:
     """images: the clean 8x8 digits (N, 1, 8, 8) in [0, 1]; each epoch sees a fresh degradation of them."""
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
-    model = build().to(memory_format=torch.channels_last)  # faster convolutions on the CPU
+    model = factory().to(memory_format=torch.channels_last)  # faster convolutions on the CPU
     if optimizer_name == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                                            weight_decay=weight_decay)
