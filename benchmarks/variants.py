@@ -154,10 +154,13 @@ def ort_dynamic_defaults(fp32: Path, folder: Path, threads: int) -> Variant:
     return Variant(runner.name, description, runner, folder_size(folder), "baseline", "ort fp32")
 
 
-def _recipe_steps(recipe: Recipe) -> list[str]:
+def _recipe_steps(recipe: Recipe, report: dict[str, Any] | None = None) -> list[str]:
     steps = []
     if recipe.prune:
-        steps.append(f"{recipe.prune.method} pruning {recipe.prune.ratio:.0%}")
+        # the ratio the run used: a latency budget searches it, so the recipe's own ratio is not it
+        ratio = (report or {}).get("prune", {}).get("ratio", recipe.prune.ratio)
+        searched = " (searched for the latency budget)" if (report or {}).get("prune", {}).get("budget") else ""
+        steps.append(f"{recipe.prune.method} pruning {float(ratio):.1%}{searched}")
     if recipe.distill:
         steps.append("distilled")
     steps.append("exported")
@@ -198,7 +201,7 @@ def deploytool_variants(recipe: Recipe, run: ToolchainRun, threads: int) -> list
     model.unpruned.onnx too (the original exported for comparison, the baseline of its verify)."""
     recipe_name = recipe.name
     names = run_rows(recipe_name)
-    steps = _recipe_steps(recipe)
+    steps = _recipe_steps(recipe, run.report)
     pruned = recipe.prune is not None
     fp32_name = names["fp32"]
     fp32 = run.out_dir / "model.onnx"
