@@ -207,6 +207,10 @@ def test_heads_ratio_zero_keeps_every_head_and_prunes_the_feed_forward(models: P
     pruned, _ = prune_model(model, specs, PruneConfig(ratio=0.5, heads_ratio=0.0), data, "embedding")
     assert [a.heads for a in attention_layers(pruned)[0]] == [4, 4]
     assert pruned.bert.encoder.layer[0].intermediate.dense.out_features == 64
+    ignored = PruneConfig(ratio=0.5, ignore=["bert.encoder.layer.0.attention.self.query"])
+    pruned, _ = prune_model(model, specs, ignored, data, "embedding")
+    assert [a.heads for a in attention_layers(pruned)[0]] == [4, 2]  # an ignored projection keeps its layer's heads
+    assert pruned.bert.encoder.layer[0].attention.self.key.out_features == 64
 
 
 def test_a_fused_qkv_projection_keeps_its_heads_and_the_rest_is_pruned(models: Path) -> None:

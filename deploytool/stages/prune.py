@@ -271,7 +271,9 @@ def channel_prune(
                            | set(residual_width_layers(pruned, attention, fused)))
     modules = dict(pruned.named_modules())
     kwargs: dict[str, Any] = {}
-    attention = [a for a in attention if a.name not in ignored_names and a.heads > 1]
+    # an attention layer (or one of its projections) that is ignored keeps its heads; so does a single-head one
+    attention = [a for a in attention
+                 if a.heads > 1 and a.name not in ignored_names and not set(a.projection_names()) & set(ignored_names)]
     heads_ratio = cfg.ratio if cfg.heads_ratio is None else cfg.heads_ratio
     head_ratios: dict[Any, float] = {}
     for layer in attention:
