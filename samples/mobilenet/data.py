@@ -104,6 +104,11 @@ def degrade(images: np.ndarray, rng: np.random.Generator, size: int = SIZE) -> n
     return ((seen[:, None] - 0.5) / 0.5).astype(np.float32)
 
 
-def train() -> Iterator[dict[str, np.ndarray]]:
-    """The training split, degraded once (seed 0), for distilling a pruned model."""
-    return _batches("train")
+def train(copies: int = 4, batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """The training split degraded `copies` times with their own seeds (as training sees a fresh degradation every
+    epoch), for distilling a pruned model."""
+    images, labels = digits("train")
+    for copy in range(copies):
+        degraded = degrade(images, np.random.default_rng(100 + copy))
+        for start in range(0, len(labels), batch):
+            yield {"image": degraded[start:start + batch], "labels": labels[start:start + batch]}
