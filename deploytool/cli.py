@@ -544,7 +544,7 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
     if report_dir is not None:
         _check_report_dir(report_dir, force)
     _validated(GatesConfig, **gate_values)
-    ref = resolve_reference(reference, data, task, seed, samples)
+    ref = resolve_reference(reference, data, task, seed, samples, threads)
     base = ref.gates.model_dump(exclude_none=True) if ref.gates else {}
     run_only = base.pop("min_speedup_vs_fp32", None)
     cfg = _validated(VerifyConfig, threads=threads, runs=runs, warmup=warmup, min_seconds=min_seconds, max_seconds=max_seconds,

@@ -165,6 +165,17 @@ def test_html_report_renders_in_headless_chromium(digits_run: tuple[Any, Path], 
     assert shot.is_file() and shot.stat().st_size > 10_000, done.stderr[-2000:]
 
 
+def test_an_onnx_reference_runs_at_the_threads_of_its_candidates(fp32: Path) -> None:
+    """The reference is timed against the candidates: a reference at one thread made a copy of itself at two look
+    1.6x slower on a small model."""
+    from deploytool.stages.reference import resolve_reference
+
+    for threads in (1, 3):
+        reference = resolve_reference(fp32, DIGITS / "val.npz", None, 0, 8, threads)
+        assert reference.runner.threads == threads  # type: ignore[attr-defined]
+        assert reference.runner.session.get_session_options().intra_op_num_threads == threads  # type: ignore[attr-defined]
+
+
 def test_a_byte_identical_copy_is_as_fast_and_passes_the_default_gates(fp32: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy.onnx"
     shutil.copyfile(fp32, copy)

@@ -21,8 +21,10 @@ class Reference:
     onnx_float: bool = False  # an ONNX file without quantized operators: the float sibling of a quantized candidate
 
 
-def resolve_reference(reference: Path, data: Path | None, task: str | None, seed: int, samples: int) -> Reference:
-    """The reference runner and the dataset to verify on, for an ONNX file, golden outputs or a recipe."""
+def resolve_reference(reference: Path, data: Path | None, task: str | None, seed: int, samples: int,
+                      threads: int) -> Reference:
+    """The reference runner and the dataset to verify on, for an ONNX file, golden outputs or a recipe. An ONNX
+    reference runs at `threads` intra-op threads, as the candidates do: it is timed against them."""
     from deploytool.data import load_dataset, random_dataset
     from deploytool.golden import GoldenRunner, is_golden
     from deploytool.runners import OrtRunner
@@ -60,7 +62,7 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
     from deploytool.stages.inspect import input_specs
 
     specs = input_specs(reference)
-    runner = OrtRunner("reference", reference, 1, user_file=True)
+    runner = OrtRunner("reference", reference, threads, user_file=True)
     dataset = load_dataset(data, specs) if data else random_dataset(specs, samples, seed)
     return Reference(runner, dataset, task or "generic", None, str(reference), onnx_float=not is_quantized(reference))
 
