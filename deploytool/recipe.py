@@ -190,9 +190,9 @@ class QuantizeConfig(Strict):
                                                  "channels are found and int8 misses the targets, kept when it scores better")
     smooth_alpha: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="SmoothQuant migration "
                                        "strength; default: the best of 0.5, 0.65 and 0.8")
-    dynamic_candidate: bool = Field(True, description="transformer graphs whose recipe names no op_types: also score "
-                                    "ONNX Runtime's dynamic int8 MatMuls and keep them when they meet the targets "
-                                    "faster or score better")
+    dynamic_candidate: bool = Field(True, description="transformer graphs and graphs with LSTM nodes whose recipe names "
+                                    "no op_types: also score ONNX Runtime's dynamic int8 (MatMuls, LSTMs) and keep it "
+                                    "when it meets the targets faster or scores better")
     layer_weights: Literal["auto", "uniform"] = Field("auto", description="auto: where 7-bit weights (reduce_range) miss "
                                                       "the targets, 8-bit weights on the layers that gain most")
 

@@ -47,6 +47,9 @@ HISTOGRAM_METHODS = ("entropy", "percentile")
 TRANSFORMER_OPS = ("MatMul", "Gemm", "Conv")
 # activations held at once while calibrating (one chunk of batches): bounds calibration memory on large models
 CALIBRATION_BYTES = 512 * 2**20
+# what the dynamic candidate quantizes: ONNX Runtime's dynamic int8 kernels (MatMulInteger, DynamicQuantizeLSTM);
+# static int8 has no LSTM kernel, so on a recurrent model only this candidate quantizes the recurrent layers
+DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")
 # SmoothQuant migration strengths tried when the recipe sets none
 SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
 
@@ -288,7 +291,7 @@ class _Quantizer:
             try:
                 if (mode or cfg.mode) == "dynamic":
                     if mode == "dynamic":  # a candidate of the static search: ONNX Runtime's dynamic defaults elsewhere
-                        common.update(per_channel=False, op_types_to_quantize=["MatMul", "Gemm"])
+                        common.update(per_channel=False, op_types_to_quantize=list(DYNAMIC_OPS))
                     quantize_dynamic(str(model.path), str(out), **common)
                     return
                 assert self.calibration is not None
@@ -698,7 +701,8 @@ def _smooth_quant(builder: _Builder, current: _Candidate) -> _Candidate:
 
 def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
     """On a transformer, ONNX Runtime's dynamic int8 MatMuls (ranges measured per call, one fused kernel) can be
-    both more accurate and faster than static ones: score it on the same float graph; when both meet the targets,
+    both more accurate and faster than static ones; on a model with LSTM nodes, dynamic int8 is the only way ONNX
+    Runtime quantizes them (DynamicQuantizeLSTM). Score it on the same float graph; when both meet the targets,
     keep the faster by the shared latency method; otherwise the better scoring one."""
     record, judge = builder.record, builder.judge
     # quant_pre_process serves static quantization; on the BERT sample it made the dynamic model 10% slower
@@ -709,7 +713,7 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
         builder.floats["raw"] = _Float(builder.quantizer.raw, builder.folder / "calibration-raw.json")
     graph = "raw" if current.graph == "exported" and "raw" in builder.models else current.graph
     dynamic = replace(current, mode="dynamic", graph=graph)
-    score = builder.score(dynamic, "dynamic MatMuls")
+    score = builder.score(dynamic, f"dynamic {_dynamic_kernels(builder.models[graph])}")
     static_score = builder.scores[current]
     if score["meets_targets"] and static_score["meets_targets"]:
         timing = judge.measure({"static": builder.path(current), "dynamic": builder.path(dynamic)})
@@ -724,8 +728,18 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
         why = "scored better" if chosen is dynamic else "static scored better"
     record.settings["activation_ranges"] = {"chosen": chosen.mode, "why": why}
     if chosen is dynamic:
-        record.notes.append(f"dynamic int8 MatMuls chosen ({why}): {_summary(static_score)} -> {_summary(score)}")
+        record.notes.append(f"dynamic int8 {_dynamic_kernels(builder.models[graph])} chosen ({why}): "
+                            f"{_summary(static_score)} -> {_summary(score)}")
     return chosen
+
+
+def _dynamic_kernels(model: Any) -> str:
+    """What the dynamic candidate quantizes in `model`, in words: "MatMuls", or "MatMuls and LSTMs"."""
+    return "MatMuls and LSTMs" if _has_lstm(model) else "MatMuls"
+
+
+def _has_lstm(model: Any) -> bool:
+    return any(node.op_type == "LSTM" for node in model.graph.node)
 
 
 def _input_floor_misses(builder: _Builder, default: _Candidate) -> bool:
@@ -1174,8 +1188,8 @@ def _weight_share(fp32: Path, int8: Path, record: QuantizeRecord) -> None:
         where = ", ".join(f"{op} {count / before:.0%}" for op, count in sorted(remaining.items(), key=lambda kv: -kv[1])[:4])
         record.notes.append(f"only {share:.0%} of the model's weights are int8; the rest stay float ({where} of them): "
                             "int8 can only speed up the part it quantizes (static int8 in ONNX Runtime covers Conv, MatMul "
-                            "and Gemm, not LSTM, GRU or RNN nodes; op_types, exclude_nodes and mixed precision also keep "
-                            "nodes float)")
+                            "and Gemm, dynamic int8 also LSTM, neither GRU or RNN nodes; op_types, exclude_nodes and "
+                            "mixed precision also keep nodes float)")
 
 
 def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: Path, targets: Targets, threads: int,
@@ -1196,7 +1210,8 @@ def _search(quantizer: _Quantizer, record: QuantizeRecord, data: Dataset, fp32: 
     current = _Candidate()
     builder.score(current, "default")
     futile = not builder.scores[current]["meets_targets"] and _input_floor_misses(builder, current)
-    if transformer and cfg.mode == "static" and cfg.dynamic_candidate and cfg.op_types is None:
+    recurrent = _has_lstm(builder.models[current.graph])
+    if (transformer or recurrent) and cfg.mode == "static" and cfg.dynamic_candidate and cfg.op_types is None:
         current = _static_or_dynamic(builder, current)
     if transformer and cfg.mode == "static" and cfg.smooth_quant is not False and not futile:
         current = _smooth_quant(builder, current)
