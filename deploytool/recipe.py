@@ -32,9 +32,16 @@ class InputSpec(Strict):
     @field_validator("shape")
     @classmethod
     def _positive_dims(cls, shape: list[int | str]) -> list[int | str]:
-        for dim in shape:
+        for axis, dim in enumerate(shape):
             if isinstance(dim, int) and dim <= 0:
                 raise ValueError(f"dimension {dim} must be positive (use a name such as 'batch' for a dynamic axis)")
+            if axis > 0 and isinstance(dim, str) and "batch" in dim.lower():
+                # samples are stacked along the first axis everywhere (data, calibration, verify, latency): a batch axis
+                # elsewhere (a time-major nn.LSTM's [time, batch, features]) would be fed time steps as samples
+                raise ValueError(
+                    f"the batch axis '{dim}' is at position {axis} of {shape}; deploytool stacks samples along the first "
+                    "axis: export a wrapper whose forward takes the batch first and transposes (e.g. a time-major "
+                    "nn.LSTM: x.transpose(0, 1)), or use batch_first=True")
         return shape
 
 

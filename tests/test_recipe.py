@@ -144,6 +144,17 @@ def test_wrong_types_and_out_of_range_values_are_named(
     assert repr(value) in error.message  # the offending value is shown
 
 
+def test_a_batch_axis_that_is_not_the_first_is_refused(tmp_path: Path) -> None:
+    """Samples are stacked along the first axis: a time-major input ([time, batch, features], nn.LSTM's default)
+    would be fed time steps as samples, so it is a user error naming the input; a fixed first axis before another
+    dynamic axis (a fixed batch of 1 with a dynamic sequence length) is not."""
+    error = error_of(write(tmp_path, with_key(["model", "inputs", 0], "shape", [8, "batch", 8])))
+    assert "[model.inputs[0]] shape" in error.message and "batch axis 'batch' is at position 1" in error.message
+    assert "transpose" in error.message
+    spec = load_recipe(write(tmp_path, with_key(["model", "inputs", 0], "shape", [1, "seq", 40]))).model.inputs[0]
+    assert spec.shape == [1, "seq", 40]
+
+
 def test_bad_value_of_a_union_typed_key_names_the_key_in_its_table(tmp_path: Path) -> None:
     error = error_of(write(tmp_path, with_key(["quantize"], "reduce_range", "sometimes")))
     assert "[quantize] reduce_range" in error.message
