@@ -315,8 +315,9 @@ def prune_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ..
               data: Path | None, method: str, ratio: float, importance: str, round_to: int, iterative_steps: int,
               ignore: tuple[str, ...], scan: bool, task: str, force: bool) -> None:
     """Prune a checkpoint; writes safetensors that reload with the same factory (no pickle)."""
+    from deploytool.checkpoint import save_model
     from deploytool.recipe import PruneConfig
-    from deploytool.stages.prune import prune_model, save_model
+    from deploytool.stages.prune import prune_model
     from deploytool.stages.report import sensitivity_rows
 
     cfg = _validated(PruneConfig, method=method, ratio=ratio, importance=importance, round_to=round_to,
@@ -357,12 +358,12 @@ def distill_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, 
                 out: Path, task: str, epochs: int, batch_size: int, lr: float, temperature: float, alpha: float,
                 patience: int | None, seed: int, force: bool) -> None:
     """Distill the model given by CHECKPOINT (teacher) into a student; runs data-parallel under torchrun."""
+    from deploytool.checkpoint import save_model
     from deploytool.data import load_dataset
     from deploytool.progress import RichProgress
     from deploytool.recipe import DistillConfig
     from deploytool.stages.distill import distill, finish_distributed, world
     from deploytool.stages.load import load_model
-    from deploytool.stages.prune import save_model
 
     cfg = _validated(DistillConfig, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
                      patience=patience, seed=seed)

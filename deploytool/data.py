@@ -186,7 +186,7 @@ def _read_images(path: Path, specs: Sequence[InputSpec], image: ImageConfig) -> 
 def _read_callable(source: str, specs: Sequence[InputSpec], base_dir: Path) -> dict[str, np.ndarray]:
     """Call a user function and stack what it yields: dicts of arrays keyed by input name (one batch each),
     or plain arrays for single-input models."""
-    from deploytool.stages.load import resolve_factory
+    from deploytool.factory import resolve_factory
 
     function = resolve_factory(source, base_dir, "data callable")
     parts: dict[str, list[np.ndarray]] = {}

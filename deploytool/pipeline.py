@@ -452,7 +452,7 @@ def source_hash(recipe: Recipe, value: str | None) -> str | None:
     if value is None:
         return None
     if is_callable_source(value) and not recipe.resolve(value).exists():
-        from deploytool.stages.load import resolve_factory
+        from deploytool.factory import resolve_factory
 
         source = inspect.getsourcefile(resolve_factory(value, recipe.base_dir, "data callable"))
         return f"{value}@{sha256(Path(source)) if source else 'unknown'}"
@@ -473,7 +473,8 @@ class _Inputs:
 
 def _load(recipe: Recipe) -> _Inputs:
     from deploytool.data import random_dataset
-    from deploytool.stages.load import load_model, resolve_factory
+    from deploytool.factory import resolve_factory
+    from deploytool.stages.load import load_model
 
     specs = recipe.model.inputs
     checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
@@ -515,7 +516,8 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
     stage = run.stage if run else (lambda name: nullcontext({}))
     final, identity = start.model, dict(start.hashes)
     if recipe.prune:
-        from deploytool.stages.prune import LatencyContext, prune_model, save_model
+        from deploytool.checkpoint import save_model
+        from deploytool.stages.prune import LatencyContext, prune_model
 
         with stage("prune") as record:
             data = start.calibration or start.validation or start.sample
@@ -541,8 +543,8 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
     elif run:
         run.skip("prune")
     if recipe.distill:
+        from deploytool.checkpoint import save_model
         from deploytool.stages.distill import distill, finish_distributed, world
-        from deploytool.stages.prune import save_model
 
         cfg = recipe.distill
         with stage("distill") as record:

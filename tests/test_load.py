@@ -12,7 +12,9 @@ import torch
 
 from conftest import DIGITS, ROOT, TINY_CNN, TinyModel, write_module
 from deploytool.errors import UserError
-from deploytool.stages.load import load_model, read_state_dict, resolve_factory
+from deploytool.checkpoint import read_state_dict
+from deploytool.factory import resolve_factory
+from deploytool.stages.load import load_model
 
 
 class CreatesMarker:

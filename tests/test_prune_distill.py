@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import DIGITS, ROOT, invoke, write_module
 
 NETS = '''
@@ -78,9 +77,10 @@ def test_channel_pruning_removes_coupled_channels_and_reloads_without_pickle(net
                                                                              tmp_path: Path) -> None:
     import torch
 
+    from deploytool.checkpoint import save_model
     from deploytool.recipe import PruneConfig
     from deploytool.stages.load import load_model
-    from deploytool.stages.prune import prune_model, save_model
+    from deploytool.stages.prune import prune_model
 
     model = build(nets, "branchy")
     pruned, record = prune_model(model, specs, PruneConfig(ratio=0.5), calib, "classification")

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, write_module
 
 MODELS = '''
@@ -127,9 +126,10 @@ def _bert_data() -> tuple[list[Any], Any]:
 def test_bert_heads_and_feed_forward_units_are_removed_whole_and_reload(models: Path, tmp_path: Path) -> None:
     import torch
 
+    from deploytool.checkpoint import save_model
     from deploytool.recipe import PruneConfig
     from deploytool.stages.load import load_model
-    from deploytool.stages.prune import attention_layers, prune_model, save_model
+    from deploytool.stages.prune import attention_layers, prune_model
 
     specs, data = _bert_data()
     model = load_model(f"{models}:bert", None, models.parent)
@@ -182,9 +182,10 @@ def test_vit_with_q_proj_layout_keeps_at_least_one_head_and_exports(models: Path
 def test_distilbert_naming_is_found_and_reloads(models: Path, tmp_path: Path) -> None:
     import torch
 
+    from deploytool.checkpoint import save_model
     from deploytool.recipe import PruneConfig
     from deploytool.stages.load import load_model
-    from deploytool.stages.prune import attention_layers, prune_model, save_model
+    from deploytool.stages.prune import attention_layers, prune_model
 
     specs, data = _bert_data()
     model = load_model(f"{models}:distil", None, models.parent)

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploytool.artifacts import atomic_path
 from deploytool.data import Dataset
 from deploytool.errors import StageError, UserError, first_line
 from deploytool.recipe import ExportConfig, InputSpec, PruneConfig
@@ -29,17 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# integer attributes of torch.nn layers that encode their width
-SIZE_ATTRIBUTES = (
-    "in_channels", "out_channels", "in_features", "out_features", "num_features", "groups",
-    "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "hidden_size", "normalized_shape", "num_channels",
-    "num_attention_heads", "all_head_size", "n_heads",
-)
 # attention layers whose heads can be removed whole: separate query/key/value projections (Hugging Face
 # BERT/RoBERTa/ViT/DeiT, Whisper/CLIP/BART, DistilBERT naming) and an integer head count
 PROJECTION_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
 HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
-METADATA_KEY = "deploytool.layer_sizes"
 
 
 @dataclass
@@ -480,46 +470,3 @@ def _attention_notes(model: torch.nn.Module, pruned: torch.nn.Module) -> list[st
         notes.append(f"{len(fused)} attention layer(s) with one fused qkv projection keep every head "
                      f"({', '.join(fused[:3])}{' ...' if len(fused) > 3 else ''}); their feed-forward layers are pruned")
     return notes
-
-
-def layer_sizes(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """The width attributes of every layer, to rebuild a pruned architecture from the original factory."""
-    sizes: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        attrs = {a: getattr(module, a) for a in SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), (int, tuple))}
-        if attrs:
-            sizes[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in attrs.items()}
-    return sizes
-
-
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    """safetensors with the layer sizes as metadata: reloadable with the original factory, no pickle."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(layer_sizes(model), sort_keys=True)})
-
-
-def apply_layer_sizes(model: torch.nn.Module, sizes: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
-    """Resize `model` (built by the original factory) in place to the saved widths, ready for load_state_dict."""
-    import torch
-
-    modules = dict(model.named_modules())
-    for name, attrs in sizes.items():
-        module = modules.get(name)
-        if module is None:
-            raise UserError(f"pruned checkpoint names layer '{name}', which the model factory does not build")
-        for attr, value in attrs.items():
-            if hasattr(module, attr):
-                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    for key, tensor in state.items():
-        owner_name, _, attr = key.rpartition(".")
-        owner = modules.get(owner_name)
-        if owner is None:
-            continue
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            if owner._parameters[attr].shape != tensor.shape:
-                owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(tensor), requires_grad=owner._parameters[attr].requires_grad)
-        elif attr in owner._buffers and owner._buffers[attr] is not None and owner._buffers[attr].shape != tensor.shape:
-            owner._buffers[attr] = torch.empty_like(tensor)
