@@ -81,8 +81,11 @@ class _Recurrent(nn.Module):
         self.rnn = cell(features, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, classes)
 
+        self.per_step = False  # True: logits at every frame (batch, frames, classes), as a tagger or an LM returns
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(frames)[0][:, -1])
+        states = self.rnn(frames)[0]
+        return self.head(states if self.per_step else states[:, -1])
 
 
 def _digit_rows(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +93,9 @@ def _digit_rows(split: str) -> tuple[np.ndarray, np.ndarray]:
         return data["image"][:, 0].astype(np.float32), data["labels"].astype(np.int64)
 
 
-def _trained_recurrent(cell: type[nn.Module], folder: Path) -> tuple[Path, Dataset, Dataset]:
-    """A recurrent classifier trained on the digits rows (seconds), exported; its calibration and validation data."""
+def _trained_recurrent(cell: type[nn.Module], folder: Path, per_step: bool = False) -> tuple[Path, Dataset, Dataset]:
+    """A recurrent classifier trained on the digits rows (seconds), exported (with logits at every frame when
+    `per_step`); its calibration and validation data."""
     torch.manual_seed(0)
     model = _Recurrent(cell)
     frames, labels = _digit_rows("train")
@@ -108,6 +112,7 @@ def _trained_recurrent(cell: type[nn.Module], folder: Path) -> tuple[Path, Datas
     validation = Dataset({"frames": images[:128]}, val_labels[:128])
     with torch.no_grad():
         assert (model(torch.from_numpy(images)).argmax(1).numpy() == val_labels).mean() > 0.8  # it learned the task
+    model.per_step = per_step
     fp32 = folder / "recurrent.onnx"
     export_onnx(model, [InputSpec(name="frames", shape=["batch", 8, 8], dtype="float32")], ["logits"],
                 ExportConfig(exporter="torchscript"), calibration.head(2), fp32)
@@ -142,6 +147,22 @@ def test_lstm_layers_are_quantized_by_the_dynamic_candidate(tmp_path: Path) -> N
         assert any(n.startswith("dynamic int8 MatMuls and LSTMs chosen") for n in record.notes), record.notes
     else:  # kept static only because the dynamic model was measured no faster
         assert "LSTM" in ops and "dynamic runs" in str(ranges["why"])
+
+
+def test_top1_agreement_of_logits_per_position_is_scored_on_the_last_axis(tmp_path: Path) -> None:
+    """A model with a class per position (batch, frames, classes), like a token classifier or an LM head: the quantize
+    stage scores top-1 agreement over the last axis, as the verify gate does, so a default int8 model that agrees
+    meets the target instead of sending the search on to keep every node in float."""
+    from deploytool.stages.quantize import Targets
+
+    fp32, calibration, validation = _trained_recurrent(nn.LSTM, tmp_path, per_step=True)
+    validation = Dataset(validation.feeds, None)
+    targets = Targets(min_cosine=0.99, min_top1_agreement=0.95)
+    record = quantize_onnx(fp32, tmp_path / "tagger.int8.onnx", QuantizeConfig(dynamic_candidate=False), calibration, 16,
+                           validation, targets)
+    default = record.attempts[0]
+    assert default["search"] == "default" and "top1_agreement" in default
+    assert default["meets_targets"] and not record.float_nodes, record.attempts
 
 
 def test_a_fully_quantized_cnn_holds_its_weights_in_eight_bits(digits_run: tuple[object, Path], calib: Dataset,

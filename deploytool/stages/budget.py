@@ -56,8 +56,8 @@ def _outputs_quality(reference: list[np.ndarray], outputs: list[np.ndarray], tas
 
     stats = compare_arrays(reference[0], outputs[0])
     quality = {"cosine": round(float(stats["cosine_mean"]), 6)}  # type: ignore[arg-type]
-    if task == "classification" and reference[0].ndim == 2 and reference[0].shape[1] > 1:
-        quality["top1_agreement"] = round(float((reference[0].argmax(1) == outputs[0].argmax(1)).mean()), 6)
+    if task == "classification" and reference[0].ndim >= 2 and reference[0].shape[-1] > 1:
+        quality["top1_agreement"] = round(float((reference[0].argmax(-1) == outputs[0].argmax(-1)).mean()), 6)
     return quality
 
 

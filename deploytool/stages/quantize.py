@@ -392,12 +392,14 @@ class _Judge:
     def _accuracy(self, logits: np.ndarray) -> float | None:
         from deploytool.compare import accuracy
 
-        if self.labels is None or self.targets.max_accuracy_drop is None or logits.ndim != 2:
+        if self.labels is None or self.targets.max_accuracy_drop is None or logits.ndim < 2 \
+                or self.labels.size != logits.size // logits.shape[-1]:
             return None
         return accuracy(logits, self.labels)
 
     def score(self, path: Path) -> dict[str, Any]:
-        """cosine and SNR (the worst output), top-1 agreement (2-D first output), accuracy drop; whether the targets hold."""
+        """cosine and SNR (the worst output), top-1 agreement (first output, classes on its last axis), accuracy drop;
+        whether the targets hold."""
         from deploytool.runners import OrtRunner, infer_dataset
 
         self.scores += 1
@@ -433,8 +435,10 @@ class _Judge:
         if targets.min_snr_db is not None:
             ok = ok and snr >= targets.min_snr_db
         out = outs[0]
-        if out.ndim == 2 and out.shape[1] > 1 and out.shape == self.reference.shape:
-            result["top1_agreement"] = round(float((out.argmax(1) == self.reference.argmax(1)).mean()), 6)
+        if out.ndim >= 2 and out.shape[-1] > 1 and out.shape == self.reference.shape:
+            # the class axis is the last, as the verify stage reads it: (batch, classes), or a class per token or
+            # position (batch, tokens, vocabulary) where each position's answer counts
+            result["top1_agreement"] = round(float((out.argmax(-1) == self.reference.argmax(-1)).mean()), 6)
             if targets.min_top1_agreement is not None:
                 ok = ok and result["top1_agreement"] >= targets.min_top1_agreement
         elif targets.min_top1_agreement is not None:
