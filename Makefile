@@ -30,6 +30,8 @@ demo: install
 	$(BIN)/deploytool run recipes/digits-cnn.toml --out runs/digits-cnn --force
 
 test: install-dev
+	$(BIN)/python -m ruff check deploytool tests benchmarks samples
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 bench: install

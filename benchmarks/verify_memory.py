@@ -447,7 +447,8 @@ def render(cost: RunCost, report: dict[str, Any] | None, out_dir: Path, params: 
         if latency.get("seconds") is not None and verify is not None:
             lines += ["", f"Of verify's {float(verify['seconds']):.0f} s, {float(latency['seconds']):.0f} s went to "
                       f"latency timing ({latency.get('rounds')} rounds of one block per model, eager PyTorch included, "
-                      f"plus the A/A control's second session of `{(latency.get('aa') or {}).get('model')}`); the rest ran the validation data through "
+                      f"plus the A/A control's second session of `{(latency.get('aa') or {}).get('model')}`); "
+                      "the rest ran the validation data through "
                       "every model, measured session memory and localised the int8 model."]
         metrics = report.get("metrics", {})
         sessions = [[f"`{name}`", _mib(m.get("peak_memory_bytes"))] for name, m in metrics.items()

@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from deploytool.artifacts import atomic_path
 from deploytool.errors import UserError, first_line
@@ -41,7 +41,7 @@ def _pickled_globals(path: Path) -> list[str] | None:
                 pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
                 if not pickles:
                     return None
-                streams = [io.BytesIO(archive.read(pickles[0]))]
+                streams: list[IO[bytes]] = [io.BytesIO(archive.read(pickles[0]))]
                 count = 1
         else:
             streams = [path.open("rb")]

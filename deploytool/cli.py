@@ -7,7 +7,6 @@ Exit codes: 0 every gate passed, 1 a gate failed, 2 user error, 3 a stage failed
 from __future__ import annotations
 
 import json
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -334,7 +333,8 @@ def prune_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ..
     for note in record.notes:
         click.echo(f"note: {note}")
     macs = f", MACs {record.macs_before:,} -> {record.macs_after:,}" if record.macs_before and record.macs_after else ""
-    click.echo(f"wrote {out}: params {record.params_before:,} -> {record.params_after:,}{macs}; never pruned: {', '.join(record.ignored) or '-'}")
+    click.echo(f"wrote {out}: params {record.params_before:,} -> {record.params_after:,}{macs}; "
+               f"never pruned: {', '.join(record.ignored) or '-'}")
 
 
 @cli.command(name="distill")
@@ -344,7 +344,8 @@ def prune_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ..
 @click.option("--train", "train_data", required=True, type=click.Path(path_type=Path), help="Training inputs (.npz; labels optional).")
 @click.option("--val", "val_data", type=click.Path(path_type=Path), help="Validation data for early stopping (default: --train).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help=".safetensors file to write.")
-@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="classification", show_default=True)
+@click.option("--task", type=click.Choice(["classification", "embedding", "regression", "generic"]), default="classification",
+              show_default=True)
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
@@ -354,7 +355,8 @@ def prune_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ..
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def distill_cmd(checkpoint: Path | None, factory: str, factory_args: tuple[str, ...], inputs: tuple[str, ...],
-                outputs: tuple[str, ...], trust_checkpoint: bool, student_checkpoint: Path | None, student_factory: str | None, train_data: Path, val_data: Path | None,
+                outputs: tuple[str, ...], trust_checkpoint: bool, student_checkpoint: Path | None, student_factory: str | None,
+                train_data: Path, val_data: Path | None,
                 out: Path, task: str, epochs: int, batch_size: int, lr: float, temperature: float, alpha: float,
                 patience: int | None, seed: int, force: bool) -> None:
     """Distill the model given by CHECKPOINT (teacher) into a student; runs data-parallel under torchrun."""
@@ -505,7 +507,8 @@ def _check_report_dir(folder: Path, force: bool) -> None:
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1), help="Number of random inputs used without --data.")
 @click.option("--save-golden", type=click.Path(path_type=Path), help="Save the inputs and reference outputs here (.npz) for later runs.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
-@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json, report.md and report.html into this folder.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path),
+              help="Write report.json, report.md and report.html into this folder.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the gates as JUnit XML here.")
 @click.option("--force", is_flag=True, help="Overwrite existing --json, --report, --save-golden and --junit outputs.")
 def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None, task: str | None, gates: tuple[str, ...],
@@ -539,9 +542,9 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
     if "min_speedup_vs_fp32" in gate_values:
         raise UserError("gate min_speedup_vs_fp32 compares a run's int8 model with its fp32 one; use min_speedup here",
                         "deploytool verify REFERENCE.onnx CANDIDATE.onnx --gate min_speedup=1.0 times the candidate against the reference")
-    for path in (save_golden, json_out, junit):
-        if path is not None:
-            _check_output(path, force)
+    for output in (save_golden, json_out, junit):
+        if output is not None:
+            _check_output(output, force)
     if report_dir is not None:
         _check_report_dir(report_dir, force)
     _validated(GatesConfig, **gate_values)
@@ -553,7 +556,7 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
                      default_gates=not no_default_gates, gates=_validated(GatesConfig, **{**base, **gate_values}))
     if "min_speedup" in cfg.gates.model_dump(exclude_none=True) and not getattr(ref.runner, "timeable", True):
         raise UserError("gate min_speedup needs a reference that runs: golden outputs have no latency")
-    report = verify_report(ref, reference, candidate_names(reference, candidates), list(candidates), cfg, save_golden)
+    report: dict[str, Any] = verify_report(ref, reference, candidate_names(reference, candidates), list(candidates), cfg, save_golden)
     report["stages"] = [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}]
     if run_only is not None:
         report["notes"].append("the recipe's gate min_speedup_vs_fp32 applies to runs (int8 against fp32): not evaluated here")
@@ -674,4 +677,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

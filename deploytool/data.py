@@ -157,14 +157,14 @@ def _read_images(path: Path, specs: Sequence[InputSpec], image: ImageConfig) -> 
     arrays = []
     for file in files:
         try:
-            with Image.open(file) as img:
-                img = img.convert("L" if image.color == "gray" else "RGB")
+            with Image.open(file) as opened:
+                img = opened.convert("L" if image.color == "gray" else "RGB")
                 if image.resize:
-                    img = img.resize((image.resize[1], image.resize[0]), Image.BILINEAR)
+                    img = img.resize((image.resize[1], image.resize[0]), Image.Resampling.BILINEAR)
                 if image.crop:
                     left, top = (img.width - image.crop[1]) // 2, (img.height - image.crop[0]) // 2
                     img = img.crop((left, top, left + image.crop[1], top + image.crop[0]))
-                array = np.asarray(img, dtype=np.float32)
+                array: np.ndarray = np.asarray(img, dtype=np.float32)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise UserError(f"cannot read image {file}: {exc}") from None
         array = array[:, :, None] if array.ndim == 2 else array
@@ -251,12 +251,11 @@ def _checked(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], labels_k
     if len(set(counts.values())) > 1:
         raise UserError(f"{path}: inputs hold different numbers of samples: {counts}")
     labels = arrays.get(labels_key)
-    if labels is not None:
-        if labels.dtype.kind not in "iuf" or labels.ndim == 0 or len(labels) != len(next(iter(feeds.values()))):
-            raise UserError(
-                f"{path}: '{labels_key}' must be numeric with one entry per sample "
-                f"(got {labels.dtype} with shape {list(labels.shape)}, {len(feeds[names[0]])} samples)"
-            )
+    if labels is not None and (labels.dtype.kind not in "iuf" or labels.ndim == 0 or len(labels) != len(next(iter(feeds.values())))):
+        raise UserError(
+            f"{path}: '{labels_key}' must be numeric with one entry per sample "
+            f"(got {labels.dtype} with shape {list(labels.shape)}, {len(feeds[names[0]])} samples)"
+        )
     return Dataset(feeds, labels, str(path))
 
 
@@ -271,7 +270,7 @@ def random_dataset(specs: Sequence[InputSpec], samples: int, seed: int = 0) -> D
                 f"input '{spec.name}' has dynamic axes {dynamic}; random inputs need fixed sizes",
                 "give validation data in [data] or fixed sizes in [model] inputs",
             )
-        shape = (samples, *spec.shape[1:])
+        shape = (samples, *(int(d) for d in spec.shape[1:]))  # fixed sizes: checked above
         kind = np.dtype(spec.dtype).kind
         if kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
@@ -288,7 +287,7 @@ class CalibrationReader:
     Supports onnxruntime's strided calibration (`set_range` over batch indices), which keeps
     only one chunk of activations in memory at a time; `on_batch` reports progress."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, pad: bool = False, on_batch: Callable[[], None] | None = None) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, pad: bool = False, on_batch: Callable[[], object] | None = None) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.pad = pad

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ def save_golden(path: Path, dataset: Dataset, output_names: Sequence[str], outpu
     meta = {"format": FORMAT, "inputs": list(dataset.feeds), "outputs": list(output_names), "source": source}
     arrays["meta"] = np.array(json.dumps(meta))
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
 
 
 def is_golden(path: Path) -> bool:
@@ -59,7 +59,7 @@ class GoldenRunner:
         self.outputs = [arrays[f"output/{n}"] for n in self.output_names]
         self._cursor = 0
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         first = next(iter(self.dataset.feeds))
         count = len(feeds[first])
         start = self._cursor if self._cursor + count <= len(self.dataset) else 0

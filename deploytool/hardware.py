@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 from pathlib import Path
+from typing import cast
 
 # /proc/cpuinfo flag -> the name we report
 _X86_FLAGS = {
@@ -22,7 +23,7 @@ _ARM_FLAGS = {"asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm"}
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, object]:
     """Model name, architecture, ISA flags and core count of this machine."""
-    model, flags = "unknown", set()
+    model, flags = "unknown", set[str]()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -48,5 +49,5 @@ def cpu_info() -> dict[str, object]:
 
 def has_int8_dot_product() -> bool:
     """True where u8 x s8 products accumulate without saturation (VNNI/AMX on x86, dot-prod on ARM)."""
-    isa = set(cpu_info()["isa"])  # type: ignore[arg-type]
+    isa = set(cast(list[str], cpu_info()["isa"]))
     return bool(isa & {"vnni", "avx_vnni", "amx", "dotprod"})

@@ -31,10 +31,8 @@ class _Forward(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith("deploytool"):
             return  # our own records reach the root through propagation: they are logged already
-        try:
+        with contextlib.suppress(Exception):  # a library's odd record must not break the work it reports on
             self.target.debug("%s", self.format(record))
-        except Exception:  # a library's odd record must not break the work it reports on
-            pass
 
 
 @contextlib.contextmanager
@@ -61,10 +59,8 @@ def captured(target: logging.Logger, prefix: str = "torch") -> Iterator[None]:
     root = logging.getLogger()
     root.addHandler(forward)  # libraries that log without handlers would reach the terminal through logging.lastResort
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     saved_fds: list[tuple[int, int]] = []
     saved_streams = (sys.stdout, sys.stderr)
     text_sink = None
@@ -81,10 +77,8 @@ def captured(target: logging.Logger, prefix: str = "torch") -> Iterator[None]:
             yield
         finally:
             if text_sink is not None:
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     text_sink.flush()
-                except (OSError, ValueError):
-                    pass
             sys.stdout, sys.stderr = saved_streams
             for fd, copy in reversed(saved_fds):
                 os.dup2(copy, fd)

@@ -42,7 +42,7 @@ def session_peak_bytes(path: Path, feeds: Mapping[str, np.ndarray], threads: int
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="deploytool-memory-") as folder:
         data = Path(folder) / "feeds.npz"
-        np.savez(data, **dict(feeds))
+        np.savez(data, **dict(feeds))  # type: ignore[arg-type]
         command = [sys.executable, "-c", _CHILD, str(path), str(data), str(threads), str(runs)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

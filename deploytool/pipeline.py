@@ -508,14 +508,19 @@ def _load(recipe: Recipe) -> _Inputs:
 def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tuple[Any, dict[str, str | None]]:
     """The PyTorch-side stages: (model to export, hashes that identify it). With run=None nothing is
     written and nothing is cached (a torchrun follower that only takes part in distillation)."""
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     from deploytool.stages.load import load_model
 
     specs, task = recipe.model.inputs, recipe.data.task
-    stage = run.stage if run else (lambda name: nullcontext({}))
+
+    def no_stage(name: str) -> AbstractContextManager[dict[str, Any]]:
+        return nullcontext({})
+
+    stage: Callable[[str], AbstractContextManager[dict[str, Any]]] = run.stage if run else no_stage
     final, identity = start.model, dict(start.hashes)
-    if recipe.prune:
+    prune_cfg = recipe.prune
+    if prune_cfg:
         from deploytool.checkpoint import save_model
         from deploytool.stages.prune import LatencyContext, prune_model
 
@@ -524,16 +529,16 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
             timing = recipe.verify or VerifyConfig()
             latency = LatencyContext(recipe.model.outputs, recipe.export, timing.latency_batch, timing.threads)
             if run is None:
-                final, _ = prune_model(start.model, specs, recipe.prune, data, task, latency=latency)
+                final, _ = prune_model(start.model, specs, prune_cfg, data, task, latency=latency)
             else:
                 path = run.out_dir / "pruned.safetensors"
 
                 def compute() -> dict[str, Any]:
-                    pruned, result = prune_model(start.model, specs, recipe.prune, data, task, run.progress, latency)
+                    pruned, result = prune_model(start.model, specs, prune_cfg, data, task, run.progress, latency)
                     save_model(pruned, path)
                     return result.as_dict()
 
-                details = run.cached("prune", record, recipe.prune.model_dump(), identity, [path], compute)
+                details = run.cached("prune", record, prune_cfg.model_dump(), identity, [path], compute)
                 final = load_model(recipe.model.factory, path, recipe.base_dir, factory_args=recipe.model.factory_args)
                 identity = {**identity, "pruned": sha256(path)}
                 run.models["reference"]["macs"] = details.get("macs_before")
@@ -555,7 +560,7 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
             if cfg.student_factory or student_checkpoint:  # a student of its own (by default the model's factory)
                 student = load_model(cfg.student_factory or recipe.model.factory, student_checkpoint, recipe.base_dir,
                                      factory_args=None if cfg.student_factory else recipe.model.factory_args)
-            path = run.out_dir / "distilled.safetensors" if run else None
+            distilled = run.out_dir / "distilled.safetensors" if run else None
             trained: list[Any] = []
 
             def compute() -> dict[str, Any]:
@@ -565,8 +570,8 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
                 finally:
                     finish_distributed()
                 trained.append(model)
-                if path is not None:
-                    save_model(model, path)
+                if distilled is not None:
+                    save_model(model, distilled)
                 return result.as_dict()
 
             if run is None:
@@ -578,14 +583,14 @@ def _prune_and_distill(run: _Run | None, recipe: Recipe, start: _Inputs) -> tupl
                       "student_source": sha256(Path(student_source)) if student_source else None,
                       "train": source_hash(recipe, cfg.train) if cfg.train else start.hashes["calibration"],
                       "val": source_hash(recipe, cfg.validation) if cfg.validation else start.hashes["validation"]}
+            assert distilled is not None
             # a data-parallel run must not skip training while the other ranks wait for it
-            details = compute() if world()[1] > 1 else run.cached("distill", record, cfg.model_dump(), inputs, [path], compute)
-            assert path is not None
+            details = compute() if world()[1] > 1 else run.cached("distill", record, cfg.model_dump(), inputs, [distilled], compute)
             final = trained[0] if trained else load_model(
-                cfg.student_factory or recipe.model.factory, path, recipe.base_dir,
+                cfg.student_factory or recipe.model.factory, distilled, recipe.base_dir,
                 factory_args=None if cfg.student_factory else recipe.model.factory_args)
-            identity = {**identity, "distilled": sha256(path)}
-            run.models["distilled"] = {**describe(path), "params": sum(p.numel() for p in final.parameters())}
+            identity = {**identity, "distilled": sha256(distilled)}
+            run.models["distilled"] = {**describe(distilled), "params": sum(p.numel() for p in final.parameters())}
             run.details["distill"] = details
     elif run:
         run.skip("distill")
@@ -669,7 +674,8 @@ def _execute(run: _Run) -> dict[str, Any]:
                 DEFAULT_MIN_TOP1_AGREEMENT if defaults and recipe.data.task == "classification" else None)
             targets = Targets(
                 min_cosine=cfg.min_cosine or (gates.min_cosine if gates and gates.min_cosine else 0.99),
-                max_accuracy_drop=cfg.max_accuracy_drop if cfg.max_accuracy_drop is not None else (gates.max_accuracy_drop if gates else None),
+                max_accuracy_drop=cfg.max_accuracy_drop if cfg.max_accuracy_drop is not None
+                else (gates.max_accuracy_drop if gates else None),
                 min_top1_agreement=top1,
                 **({"min_snr_db": gates.min_snr_db} if gates and gates.min_snr_db is not None else {}),
             )
@@ -737,8 +743,8 @@ def _verify(run: _Run, start: _Inputs, candidates: list[tuple[str, Path]], unpru
     if ratio is not None and interval and interval[1] < 1.0:
         run.notes.append(f"the int8 model is slower than the fp32 ONNX model on this CPU (speedup {ratio:.3f}x, "
                          f"interval [{interval[0]:.3f}, {interval[1]:.3f}])")
-    fragment["recommended"] = recommend(fragment, candidates)
-    chosen = fragment["recommended"]
+    chosen = recommend(fragment, candidates)
+    fragment["recommended"] = chosen
     run.notes.append(f"recommended artifact: {chosen['file']} ({chosen['why']})" if chosen["model"] else
                      f"no artifact to recommend: {chosen['why']}")
     return fragment

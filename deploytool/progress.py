@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
@@ -28,7 +31,7 @@ class Silent:
 class RichProgress:
     """A transient rich progress bar per step, on stderr."""
 
-    def __init__(self, console: object) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
         self._current: tuple[object, object] | None = None
 

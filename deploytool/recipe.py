@@ -184,8 +184,10 @@ class QuantizeConfig(Strict):
     auto_mixed_precision: bool = Field(True, description="when the int8 model misses the targets, keep the fewest most "
                                        "sensitive nodes in float until they hold")
     speed_search: bool = Field(False, description="when int8 is slower than fp32, try cheaper variants")
-    min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description="target for the searches; default: [verify.gates] min_cosine or 0.99")
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="target for the searches; default: [verify.gates]")
+    min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False,
+                                     description="target for the searches; default: [verify.gates] min_cosine or 0.99")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                            description="target for the searches; default: [verify.gates]")
     search_samples: int | None = Field(None, ge=1, description="cap on the validation samples the quantize stage scores "
                                        "on; default: all of them, the samples the verify stage gates on")
     equalize: bool | Literal["auto"] = Field("auto", description="cross-layer equalization of Conv chains; auto: kept "
@@ -205,13 +207,17 @@ class QuantizeConfig(Strict):
 
 
 class GatesConfig(Strict):
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="reference accuracy - candidate accuracy, in [0, 1]")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                            description="reference accuracy - candidate accuracy, in [0, 1]")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="share of samples, in [0, 1]")
-    min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False, description="mean cosine similarity to the reference outputs, in [-1, 1]")
+    min_cosine: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False,
+                                     description="mean cosine similarity to the reference outputs, in [-1, 1]")
     min_speedup: float | None = Field(None, gt=0, allow_inf_nan=False, description="reference p50 latency / candidate p50 latency")
     max_size_ratio: float | None = Field(None, gt=0, allow_inf_nan=False, description="candidate file size / reference checkpoint size")
-    min_speedup_vs_fp32: float | None = Field(None, gt=0, allow_inf_nan=False, description="int8 only: fp32 ONNX p50 latency / int8 p50 latency")
-    min_snr_db: float | None = Field(None, allow_inf_nan=False, description="signal-to-noise ratio of the outputs in dB: catches scaled outputs that cosine misses")
+    min_speedup_vs_fp32: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                              description="int8 only: fp32 ONNX p50 latency / int8 p50 latency")
+    min_snr_db: float | None = Field(None, allow_inf_nan=False,
+                                     description="signal-to-noise ratio of the outputs in dB: catches scaled outputs that cosine misses")
     atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="element-wise: every element within atol or rtol * |reference|")
     rtol: float | None = Field(None, ge=0, allow_inf_nan=False)
 
@@ -223,7 +229,8 @@ class VerifyConfig(Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1, description="timed calls per model, in blocks of `block` calls (at least 5 rounds)")
     block: int = Field(10, ge=1, description="timed calls per block; each round times one block per model, in shuffled order")
-    max_seconds: float = Field(60.0, gt=0, allow_inf_nan=False, description="bound on timing when a speed gate needs more rounds to be decided")
+    max_seconds: float = Field(60.0, gt=0, allow_inf_nan=False,
+                               description="bound on timing when a speed gate needs more rounds to be decided")
     default_gates: bool = Field(True, description="apply the default gates for every gate the recipe does not name")
     min_seconds: float = Field(0.0, ge=0, allow_inf_nan=False, description="keep timing until this many seconds have passed")
     throughput_batches: list[Annotated[int, Field(ge=1)]] = Field([], description="also measure throughput at these batch sizes")

@@ -87,7 +87,7 @@ def local_errors(float_model: Any, quantized: Any, dataset: Dataset, batch: int,
     probe.CopyFrom(float_model)
     qgraph = Graph(quantized)
     qnodes = {n.name: n for n in quantized.graph.node if n.name}
-    exposed: dict[str, tuple[str, str | None, str | None, str | None]] = {}
+    exposed: dict[str, tuple[str, str, str | None, str | None]] = {}
     errors: dict[str, LayerError] = {}
     new_nodes = []
     for node in float_model.graph.node:
@@ -123,7 +123,7 @@ def local_errors(float_model: Any, quantized: Any, dataset: Dataset, batch: int,
         if full == list(node.input):
             continue
 
-        def twin(inputs: list[str], suffix: str) -> str:
+        def twin(inputs: list[str], suffix: str, node: Any = node) -> str:
             out = f"{node.output[0]}__{suffix}"
             copy = helper.make_node(node.op_type, inputs, [out], name=f"{node.name}__{suffix}")
             copy.attribute.extend(node.attribute)
@@ -148,7 +148,7 @@ def local_errors(float_model: Any, quantized: Any, dataset: Dataset, batch: int,
         for node_name, (reference, full_out, weights_out, alternative_out) in exposed.items():
             y = arrays[reference].astype(np.float64)
             record = errors[node_name]
-            quantized = arrays[full_out].astype(np.float64)  # type: ignore[index]
+            quantized = arrays[full_out].astype(np.float64)
             record.signal += float((y**2).sum())
             record.total += float(((quantized - y) ** 2).sum())
             flat, flat_q = y.reshape(len(y), -1), quantized.reshape(len(y), -1)

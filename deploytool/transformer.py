@@ -216,7 +216,7 @@ def smooth(model: Any, targets: Sequence[SmoothTarget], absmax: dict[str, np.nda
         weights = [graph.array(w) for w, _ in target.rows]
         if any(w is None for w in weights):
             continue
-        rows = [np.abs(w.T if transposed else w).max(axis=1) for w, (_, transposed) in zip(weights, target.rows, strict=True)]  # type: ignore[union-attr]
+        rows = [np.abs(w.T if transposed else w).max(axis=1) for w, (_, transposed) in zip(weights, target.rows, strict=True)]  # type: ignore[union-attr,arg-type]
         if any(r.shape != a.shape for r in rows):
             continue
         w_max = np.maximum.reduce(rows).astype(np.float64)

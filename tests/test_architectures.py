@@ -60,7 +60,7 @@ def test_poolformer_quantizes_although_onnx_runtime_would_copy_a_weight_onto_a_t
         quantize_static(str(fp32), str(tmp_path / "plain.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, per_channel=True)
         ort.InferenceSession(str(tmp_path / "plain.onnx"))
-    except Exception as exc:  # noqa: BLE001  ONNX Runtime raises plain exceptions here
+    except Exception as exc:
         assert "shared mode" in str(exc) or "Duplicate definition" in str(exc), exc
 
     int8 = tmp_path / "poolformer.int8.onnx"
@@ -301,7 +301,8 @@ def test_pruning_refuses_a_model_whose_inputs_would_land_in_the_wrong_parameters
             hidden = self.embed(input_ids) * attention_mask.unsqueeze(-1)
             return self.out(hidden)
 
-    specs = [InputSpec(name="input_ids", shape=["batch", 8], dtype="int64"), InputSpec(name="attention_mask", shape=["batch", 8], dtype="int64")]
+    specs = [InputSpec(name="input_ids", shape=["batch", 8], dtype="int64"),
+             InputSpec(name="attention_mask", shape=["batch", 8], dtype="int64")]
     data = Dataset({"input_ids": np.ones((4, 8), np.int64), "attention_mask": np.ones((4, 8), np.int64)})
     with pytest.raises(UserError, match="in another order"):
         prune_model(Decoder(), specs, PruneConfig(), data, "generic")

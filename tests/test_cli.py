@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import (
     DIGITS,
     DIGITS_RECIPE,

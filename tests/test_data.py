@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DIGITS, image_specs, save_npz
+
 from deploytool.data import CalibrationReader, Dataset, load_dataset, random_dataset
 from deploytool.errors import UserError
 from deploytool.recipe import InputSpec

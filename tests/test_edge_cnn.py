@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import ROOT, TinyModel
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, TinyModel
 from deploytool.data import Dataset
 from deploytool.equalize import (
     bias_correct,
@@ -246,7 +246,7 @@ def test_eight_bit_weights_on_the_layers_that_need_them(mobilenet: tuple[Path, D
     assert record.attempts[0]["search"] == "default" and not record.attempts[0]["meets_targets"]
     chosen = record.layer_weights
     assert chosen and all(set(c) == {"node", "weight_type", "reduce_range", "why"} and c["reduce_range"] is False for c in chosen)
-    assert any("layer weights speed" == a["search"] for a in record.attempts)
+    assert any(a["search"] == "layer weights speed" for a in record.attempts)
     ranges = weight_ranges(tmp_path / "mixed.onnx")
     wide = {str(c["node"]) for c in chosen}
     for node, (dtype, largest) in ranges.items():

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import TinyModel, image_specs, write_module
+
 from deploytool.data import Dataset
 from deploytool.errors import StageError, UserError
 from deploytool.recipe import ExportConfig

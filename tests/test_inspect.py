@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import CliRun, TinyModel
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import CliRun, TinyModel
 from deploytool.errors import UserError
 from deploytool.recipe import InputSpec
 from deploytool.stages.inspect import input_specs, inspect_onnx, read_onnx

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DIGITS, ROOT, TINY_CNN, TinyModel, write_module
-from deploytool.errors import UserError
+
 from deploytool.checkpoint import read_state_dict
+from deploytool.errors import UserError
 from deploytool.factory import resolve_factory
 from deploytool.stages.load import load_model
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_CNN, CliRun, TinyModel, tiny_recipe_text, write_module
+
 from deploytool.errors import UserError
 from deploytool.stages.load import load_model
 
@@ -40,7 +40,8 @@ def test_factory_args_in_a_recipe_run(cli: Cli, tmp_path: Path, tiny: TinyModel,
     wide = load_model(configurable, None, tmp_path, factory_args={"width": 12, "seed": 3})
     checkpoint = tmp_path / "wide.pt"
     torch.save(wide.state_dict(), checkpoint)
-    text = tiny_recipe_text(tiny, **{f'factory = "{tiny.factory}"': f'factory = "{configurable}"\nfactory_args = {{ width = 12, seed = 3 }}',
+    text = tiny_recipe_text(tiny, **{f'factory = "{tiny.factory}"':
+                                     f'factory = "{configurable}"\nfactory_args = {{ width = 12, seed = 3 }}',
                                      f'checkpoint = "{tiny.checkpoint}"': f'checkpoint = "{checkpoint}"',
                                      '[quantize]\nmode = "static"': '[quantize]\nmode = "none"'})
     recipe = tmp_path / "recipe.toml"

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tomli_w
+from conftest import DIGITS_RECIPE, ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import DIGITS_RECIPE, ROOT
 
 from deploytool.errors import UserError
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import TinyModel
 from onnx import numpy_helper
 
-from conftest import TinyModel
 from deploytool.compare import compare_arrays
 from deploytool.data import Dataset
 from deploytool.errors import UserError
@@ -102,8 +102,8 @@ def test_calibration_samples_limit(tmp_path: Path, tiny: TinyModel, calib: Datas
 
 def test_fixed_batch_model_is_calibrated_at_its_batch_size(tmp_path: Path, tiny: TinyModel, calib: Dataset) -> None:
     import torch
-
     from conftest import image_specs
+
     from deploytool.recipe import ExportConfig
     from deploytool.stages.export import export_onnx
     from deploytool.stages.load import load_model

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import tomli_w
-
 from conftest import DIGITS_RECIPE, ROOT
+
 from deploytool.errors import UserError
 from deploytool.recipe import Recipe, apply_overrides, load_recipe, parse_override
 

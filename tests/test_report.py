@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from deploytool.stages.report import json_safe, render_html, render_markdown, summary_rows, write_reports
 
 numbers = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5))
-spots = st.one_of(st.none(), st.fixed_dictionaries({"tensor": st.text(st.characters(max_codepoint=127), max_size=5), "node": st.text(st.characters(max_codepoint=127), max_size=5),
+
+
+def ascii_text(most: int) -> st.SearchStrategy[str]:
+    return st.text(st.characters(max_codepoint=127), max_size=most)
+
+
+spots = st.one_of(st.none(), st.fixed_dictionaries({"tensor": ascii_text(5), "node": ascii_text(5),
                                                      "op": st.sampled_from(["Conv", "MatMul"]), "cosine_mean": numbers}))
 metrics = st.dictionaries(
     st.sampled_from(["accuracy", "top1_agreement", "cosine_mean", "max_abs_error", "speedup", "speedup_vs_ort_fp32",
@@ -21,20 +27,20 @@ metrics = st.dictionaries(
 ).map(lambda m: {**m, "latency_ms": {"p50": m.get("speedup"), "p90": None}, "speedup_ci": [m.get("speedup"), None]})
 reports = st.fixed_dictionaries(
     {
-        "name": st.text(st.characters(max_codepoint=127), max_size=10),
+        "name": ascii_text(10),
         "passed": st.booleans(),
-        "gates": st.lists(st.fixed_dictionaries({"name": st.text(st.characters(max_codepoint=127), max_size=8), "model": st.text(st.characters(max_codepoint=127), max_size=4), "value": numbers,
+        "gates": st.lists(st.fixed_dictionaries({"name": ascii_text(8), "model": ascii_text(4), "value": numbers,
                                                  "threshold": numbers, "passed": st.booleans(), "default": st.booleans()}),
                           max_size=4),
         "models": st.dictionaries(st.sampled_from(["reference", "fp32", "int8"]),
                                   st.fixed_dictionaries({"size_bytes": numbers}), max_size=3),
         "metrics": st.dictionaries(st.sampled_from(["reference", "fp32", "int8"]), metrics, max_size=3),
-        "stages": st.lists(st.fixed_dictionaries({"name": st.text(st.characters(max_codepoint=127), max_size=5), "status": st.just("done"), "seconds": numbers}),
+        "stages": st.lists(st.fixed_dictionaries({"name": ascii_text(5), "status": st.just("done"), "seconds": numbers}),
                            max_size=3),
         "environment": st.one_of(st.just({}), st.just({"threads": 2, "cpu": {"model": None, "isa": []}, "versions": {}})),
-        "notes": st.lists(st.text(st.characters(max_codepoint=127), max_size=20), max_size=2),
+        "notes": st.lists(ascii_text(20), max_size=2),
         "localization": st.dictionaries(st.sampled_from(["int8", "fp32"]), st.fixed_dictionaries(
-            {"tensors": st.lists(st.fixed_dictionaries({"tensor": st.text(st.characters(max_codepoint=127), max_size=4), "cosine_mean": numbers}), max_size=4),
+            {"tensors": st.lists(st.fixed_dictionaries({"tensor": ascii_text(4), "cosine_mean": numbers}), max_size=4),
              "first": spots, "worst": spots}), max_size=2),
         "latency_samples_ms": st.dictionaries(st.sampled_from(["fp32", "int8"]), st.lists(numbers, max_size=5), max_size=2),
     }

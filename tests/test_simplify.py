@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from conftest import TinyModel
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TinyModel
 from deploytool.data import Dataset
 from deploytool.recipe import InputSpec, SimplifyConfig
 from deploytool.runners import OrtRunner

@@ -218,9 +218,9 @@ def test_the_outlier_bert_sample_at_defaults(tmp_path: Path) -> None:
     """recipes/digits-bert.toml (defaults only): ONNX Runtime's static defaults wreck it; deploytool's int8 keeps
     cosine >= 0.99 to fp32 with few quantize+evaluate rounds, and the report says what stayed float and why."""
     import onnxruntime as ort
+    from conftest import ROOT
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from conftest import ROOT
     from deploytool.data import CalibrationReader, load_dataset
     from deploytool.recipe import load_recipe
 

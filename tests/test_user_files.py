@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DIGITS, ROOT, TINY_CNN, CliRun, TinyModel, assert_user_error, tiny_recipe_text, write_module
 
 Cli = Callable[..., CliRun]
@@ -465,6 +464,7 @@ def test_torch_log_lines_of_a_failed_export_go_to_run_log(cli: Cli, tmp_path: Pa
 
     # each exporter on its own (through the library), then the stage command (both, one after the other)
     from conftest import image_specs
+
     from deploytool.data import random_dataset
     from deploytool.errors import StageError
     from deploytool.recipe import ExportConfig

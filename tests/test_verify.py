@@ -229,7 +229,8 @@ def test_nan_in_localisation_still_gives_full_metrics_and_reports(tmp_path: Path
     rows = fragment["localization"]["nan"]["tensors"]  # type: ignore[index]
     assert any(r["cosine_mean"] != r["cosine_mean"] for r in rows)  # NaN cosines reached the report
     report = {"name": "nan", "passed": fragment["passed"], "gates": fragment["gates"], "models": {}, "stages": [],
-              "metrics": fragment["metrics"], "environment": {}, **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
+              "metrics": fragment["metrics"], "environment": {},
+              **{k: v for k, v in fragment.items() if k not in ("passed", "gates", "metrics")}}
     write_reports(report, tmp_path)
     import json
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from benchmarks.zoo.run import ZOO, render, run_zoo, verdict  # noqa: E402
+from benchmarks.zoo.run import ZOO, render, run_zoo, verdict
 
 
 def _subset() -> list:

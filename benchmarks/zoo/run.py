@@ -67,7 +67,8 @@ ZOO: list[Entry] = [
           _hf("MobileNetV2ForImageClassification", {"num_labels": 1000}, image_size=224),
           IMAGE, ["logits"], "classification", "images", "vision"),
     Entry("efficientnet_b0", "EfficientNet-B0 (width 1.0, depth 1.0)", f"{FACTORY}:hf",
-          _hf("EfficientNetForImageClassification", {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 224, "hidden_dim": 1280,
+          _hf("EfficientNetForImageClassification", {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 224,
+                                                      "hidden_dim": 1280,
                                                       "num_labels": 1000}, image_size=224, unit_norm_scales=True),
           IMAGE, ["logits"], "classification", "images", "vision"),
     Entry("convnext_nano", "ConvNeXt (depths 2-2-6-2, 64-512 wide)", f"{FACTORY}:hf",
@@ -105,7 +106,8 @@ ZOO: list[Entry] = [
           _hf("AlbertModel", {**TEXT, "embedding_size": 128}),
           _tokens(64), ["last_hidden_state", "pooler_output"], "embedding", "tokens", "text", {"length": 64, "vocab": 30000, "pad": 0}),
     Entry("gpt2", "GPT-2-style decoder with LM head, no cache (256 wide, 4 layers, vocab 8192), seq 32", f"{FACTORY}:hf",
-          _hf("GPT2LMHeadModel", {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8192, "n_positions": 128, "bos_token_id": 1, "eos_token_id": 2,
+          _hf("GPT2LMHeadModel", {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8192, "n_positions": 128,
+                                  "bos_token_id": 1, "eos_token_id": 2,
                                   "use_cache": False}),
           [{"name": "input_ids", "shape": ["batch", 32], "dtype": "int64"}], ["logits"], "classification", "tokens", "text",
           {"length": 32, "vocab": 8192, "pad": None}),
@@ -246,7 +248,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def verdict(result: Result) -> tuple[str, str]:
     """(verdict, reason): PASSED, FAILED (gates), ERROR (exit 2/3), KILLED."""
     if result.returncode is None or result.returncode < 0:
-        return "KILLED", f"killed ({'timeout' if result.returncode is None else f'signal {-result.returncode}'}) after {result.seconds:.0f} s"
+        how = "timeout" if result.returncode is None else f"signal {-result.returncode}"
+        return "KILLED", f"killed ({how}) after {result.seconds:.0f} s"
     if result.returncode == 0:
         return "PASSED", ""
     if result.returncode == 1 and result.report:
@@ -303,7 +306,8 @@ def render(results: Sequence[Result], machine: dict[str, Any], seconds: float, s
             "models ran (this machine is shared): wall times grow with that share, memory and accuracy do not.") if shares else ""
     lines += [f"**{len(passed)} of {len(results)} models pass ({rate:.0%})**; the zoo took {seconds / 60:.1f} minutes.{load}", ""]
     header = ["model", "architecture", "exporter", "nodes exported → simplified", "int8 cosine", "int8 top-1",
-              "fp32 on int8-rounded input: cosine / top-1", "int8/fp32 [95 % CI]", "peak RSS (during)", "load / export / simplify / quantize / verify (s)", "exit", "verdict"]
+              "fp32 on int8-rounded input: cosine / top-1", "int8/fp32 [95 % CI]", "peak RSS (during)",
+              "load / export / simplify / quantize / verify (s)", "exit", "verdict"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         report, int8 = result.report or {}, _int8(result.report)
@@ -345,12 +349,14 @@ def _targets(results: Sequence[Result], seconds: float) -> list[str]:
     vision = [r for r in results if r.entry.family == "vision"]
     slow_q = [f"{r.entry.name} {_fmt(_stage_seconds(r.report, 'quantize'), 1)} s" for r in vision
               if (_stage_seconds(r.report, "quantize") or 0) >= 30]
-    slow_v = [f"{r.entry.name} {_fmt(_stage_seconds(r.report, 'verify'), 1)} s" for r in vision if (_stage_seconds(r.report, "verify") or 0) >= 60]
+    slow_v = [f"{r.entry.name} {_fmt(_stage_seconds(r.report, 'verify'), 1)} s" for r in vision
+              if (_stage_seconds(r.report, "verify") or 0) >= 60]
     share = len(good) / len(results) if results else 0.0
     return [
         "| target | result | status |", "|---|---|---|",
         f"| whole zoo < 30 minutes | {seconds / 60:.1f} minutes | {check(seconds < 1800)} |",
-        f"| >= 90 % pass (exit 0) with int8 cosine >= 0.99 and int8 faster than fp32 | {len(good)} of {len(results)} ({share:.0%}) | {check(share >= 0.9)} |",
+        f"| >= 90 % pass (exit 0) with int8 cosine >= 0.99 and int8 faster than fp32 | {len(good)} of {len(results)} ({share:.0%}) "
+        f"| {check(share >= 0.9)} |",
         f"| no model ends with exit 3 or is killed | {', '.join(crashed) or 'none'} | {check(not crashed)} |",
         f"| peak RSS < 3 GB for every model | {', '.join(heavy) or 'all below'} | {check(not heavy)} |",
         f"| quantize < 30 s for every vision model | {', '.join(slow_q) or 'all below'} | {check(not slow_q)} |",

@@ -199,8 +199,8 @@ def distill(
 
     from deploytool.runners import TorchRunner, infer_dataset, require_positional
 
-    for model in (teacher, student):
-        require_positional(model, [s.name for s in specs], "distillation")
+    for network in (teacher, student):
+        require_positional(network, [s.name for s in specs], "distillation")
     progress = progress or Silent()
     distributed = _init_distributed()
     rank, size = world()
@@ -218,7 +218,9 @@ def distill(
         tensors.append(torch.from_numpy(train.labels.astype(np.int64)))  # type: ignore[union-attr]
     dataset = TensorDataset(*tensors)
     generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed) if distributed else None
+    sampler: DistributedSampler[Any] | None = None
+    if distributed:
+        sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator)
     model: torch.nn.Module = student
     if distributed:
@@ -226,6 +228,7 @@ def distill(
 
         model = DistributedDataParallel(student)
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     else:

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def _export_once(
         # torch logs (and prints, also from C++) its own view of a failure; it belongs in run.log, not the terminal
         with warnings.catch_warnings(), captured(log), quiet("torch.onnx"):
             warnings.simplefilter("ignore")
-            kwargs = {"dynamo": dynamo, "external_data": False, "verbose": False} if dynamo else {"dynamo": False}
+            kwargs: dict[str, Any] = {"dynamo": dynamo, "external_data": False, "verbose": False} if dynamo else {"dynamo": False}
             torch.onnx.export(
                 model,
                 args,

@@ -70,5 +70,6 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "nodes": len(model.graph.node),
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "params": int(sum(int(np.prod(t.dims)) for t in model.graph.initializer)),
-        "quantized": any(op in ops for op in ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")),
+        "quantized": any(op in ops for op in ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                                              "DynamicQuantizeLinear")),
     }

@@ -69,7 +69,7 @@ def count_macs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> tup
     return int(macs), params  # the counter already averages over the batch
 
 
-def _prunable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def _prunable(model: torch.nn.Module) -> dict[str, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d | torch.nn.Linear]:
     from torch import nn
 
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}

@@ -241,7 +241,8 @@ class _Quantizer:
         cfg = self.cfg
         settings: dict[str, object] = {
             "per_channel": cfg.per_channel, "weight_type": cfg.weight_type, "reduce_range": self.reduce_range,
-            "reduce_range_reason": self.reduce_range_reason, "op_types": self.op_types, "float_outputs": self.float_outputs, "exclude_nodes": cfg.exclude_nodes,
+            "reduce_range_reason": self.reduce_range_reason, "op_types": self.op_types, "float_outputs": self.float_outputs,
+            "exclude_nodes": cfg.exclude_nodes,
             "isa": cpu_info()["isa"],
         }
         if cfg.mode == "static":

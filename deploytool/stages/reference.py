@@ -62,9 +62,9 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
     from deploytool.stages.inspect import input_specs
 
     specs = input_specs(reference)
-    runner = OrtRunner("reference", reference, threads, user_file=True)
+    onnx_runner = OrtRunner("reference", reference, threads, user_file=True)
     dataset = load_dataset(data, specs) if data else random_dataset(specs, samples, seed)
-    return Reference(runner, dataset, task or "generic", None, str(reference), onnx_float=not is_quantized(reference))
+    return Reference(onnx_runner, dataset, task or "generic", None, str(reference), onnx_float=not is_quantized(reference))
 
 
 def candidate_names(reference: Path, candidates: tuple[Path, ...] | list[Path]) -> list[str]:

@@ -230,7 +230,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[l
 
 
 def _latency_line(report: dict[str, Any]) -> str:
-    latency = report.get("latency") if isinstance(report.get("latency"), dict) else {}
+    latency: dict[str, Any] = report["latency"] if isinstance(report.get("latency"), dict) else {}
     threads = _get(report, "environment", "threads")
     text = (f"Latency at batch {report.get('latency_batch', 1)} with {threads} thread(s): blocks of "
             f"{latency.get('block', '?')} calls per model, block order shuffled each round ({latency.get('rounds', '?')} rounds), "
@@ -314,7 +314,8 @@ def render_html(report: dict[str, Any]) -> str:
     if report.get("notes"):
         body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(str(n))}</li>" for n in report["notes"]), "</ul>"]
     body.append("<h2>Environment</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in _environment_lines(report)))
-    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{name}</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    head = f"<head><meta charset=\"utf-8\"><title>{name}</title><style>{_CSS}</style></head>"
+    return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>\n"
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -258,8 +259,8 @@ def _quality_gates(candidate: Candidate, gates: Mapping[str, float], added: set[
         if name not in gates:
             continue
         against = candidate.base if name in added and candidate.base else None
-        source = mine.get(f"vs_{against}", {}) if against else mine
-        result.append(judge(name, candidate.name, source.get(key), gates[name], name in added, against))  # type: ignore[union-attr]
+        source = cast(dict[str, Any], mine.get(f"vs_{against}", {})) if against else mine
+        result.append(judge(name, candidate.name, source.get(key), gates[name], name in added, against))  # type: ignore[arg-type]
     if "max_accuracy_drop" in gates:
         drop = None
         if "accuracy" in mine and "accuracy" in metrics[reference]:
@@ -547,7 +548,8 @@ def _input_floor(candidate: Candidate, runners: Mapping[str, OrtRunner], referen
         floor["input_snr_db"] = snr
     result.metrics[candidate.name]["input_rounding_floor"] = floor
     gates = {g.name: g.threshold for g in result.gates if g.model == candidate.name}
-    misses = [label for key, gate, label in (("cosine", "min_cosine", "cosine"), ("top1_agreement", "min_top1_agreement", "top-1 agreement"),
+    misses = [label for key, gate, label in (("cosine", "min_cosine", "cosine"),
+                                             ("top1_agreement", "min_top1_agreement", "top-1 agreement"),
                                             ("snr_db", "min_snr_db", "SNR"))
               if gate in gates and isinstance(value := floor.get(key), float) and value < gates[gate]]
     if not misses:
@@ -580,7 +582,7 @@ def _explain(result: VerifyResult, localization: Mapping[str, dict[str, object]]
             notes.append(f"{name}: no intermediate tensor diverges below the cosine threshold; the failure is in the outputs")
     for gate in result.failed:
         if gate.name == "within_tolerance":
-            for output, stats in result.metrics[gate.model]["outputs"].items():  # type: ignore[union-attr]
+            for output, stats in cast(dict[str, Any], result.metrics[gate.model]["outputs"]).items():
                 if "min_atol" in stats:
                     notes.append(
                         f"{gate.model} output '{output}': smallest atol that passes {stats['min_atol']:.3g} (rtol 0), "

@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from samples.hfmobilenet.model import build
