@@ -4,6 +4,7 @@ run that was killed, or is repeated, reuses the stages that already finished."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -43,8 +44,19 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A digest of deploytool's own source files: a change to the code (an upgrade from a source checkout, where the
+    version number stays the same) invalidates the cached stages, as a change of library version does."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def stage_key(stage: str, config: Any, inputs: dict[str, str | None]) -> str:
-    payload = {"stage": stage, "config": config, "inputs": inputs, "versions": library_versions()}
+    payload = {"stage": stage, "config": config, "inputs": inputs, "versions": library_versions(), "source": source_digest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

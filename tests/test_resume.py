@@ -97,3 +97,15 @@ def test_finished_run_is_not_overwritten_without_force(clean_run: Path) -> None:
     assert "already holds results" in done.stderr and "--force" in done.stderr
     assert "Traceback" not in done.stderr
     assert (clean_run / "report.json").read_bytes() == before
+
+
+def test_a_change_to_deploytool_itself_invalidates_the_cached_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage key covers deploytool's own source as well as its version: code changed under the same version
+    number (a source checkout) does not reuse results the old code cached."""
+    from deploytool import cache
+
+    digest = cache.source_digest()
+    assert len(digest) == 16 and digest == cache.source_digest()
+    before = cache.stage_key("quantize", {"mode": "static"}, {"model": "abc"})
+    monkeypatch.setattr(cache, "source_digest", lambda: "0" * 16)
+    assert cache.stage_key("quantize", {"mode": "static"}, {"model": "abc"}) != before
