@@ -667,7 +667,7 @@ def _execute(run: _Run) -> dict[str, Any]:
             gates = recipe.verify.gates if recipe.verify else None
             # the searches aim at what the verify stage will gate: for a classifier that includes top-1 agreement
             # with the fp32 model (a default gate), and the SNR gate when one is named
-            from deploytool.gates import DEFAULT_MIN_TOP1_AGREEMENT
+            from deploytool.gates import DEFAULT_MIN_SPEEDUP_VS_FLOAT, DEFAULT_MIN_TOP1_AGREEMENT
 
             defaults = recipe.verify is not None and recipe.verify.default_gates
             top1 = gates.min_top1_agreement if gates and gates.min_top1_agreement is not None else (
@@ -678,6 +678,8 @@ def _execute(run: _Run) -> dict[str, Any]:
                 else (gates.max_accuracy_drop if gates else None),
                 min_top1_agreement=top1,
                 **({"min_snr_db": gates.min_snr_db} if gates and gates.min_snr_db is not None else {}),
+                min_speedup=gates.min_speedup_vs_fp32 if gates and gates.min_speedup_vs_fp32 is not None else (
+                    DEFAULT_MIN_SPEEDUP_VS_FLOAT if defaults else None),
             )
             threads = recipe.verify.threads if recipe.verify else 2
             evaluation = start.validation or start.calibration

@@ -174,3 +174,32 @@ def test_transformer_optimization_before_quantizing(tiny: Any, calib: Any, tmp_p
     record = quantize_onnx(tiny.onnx, tmp_path / "q.onnx", QuantizeConfig(optimize="transformer"), calib)
     assert record.optimize.startswith("transformer")
     assert (tmp_path / "q.onnx").is_file()
+
+
+@pytest.mark.parametrize(("int8", "mixed", "kept"), [
+    ((1.6, 1.5, 1.7), (1.0, 0.95, 1.05), False),  # mixed precision throws away the speedup the int8 model has
+    ((1.6, 1.5, 1.7), (1.06, 1.02, 1.2), False),  # above the gate, but by less than the noise (0.04)
+    ((1.6, 1.5, 1.7), (1.3, 1.2, 1.4), True),  # it keeps clear of the speed gate
+    ((1.0, 0.9, 1.1), (0.9, 0.8, 1.0), True),  # int8 is no faster either: nothing to lose
+    ((1.05, 1.02, 1.1), (0.9, 0.8, 1.0), True),  # int8 clears the gate by less than the noise: not worth the targets
+])
+def test_mixed_precision_is_not_kept_when_it_loses_the_speed_gate_the_int8_model_clears(
+        int8: tuple[float, float, float], mixed: tuple[float, float, float], kept: bool) -> None:
+    """The decision rule on measured speedups (the measurement itself is the shared latency method's, tested in
+    test_latency.py): a mixed-precision model that meets the targets only by keeping so much in float that it no
+    longer clears the speed gate is dropped for the int8 model when that one clears it."""
+    from types import SimpleNamespace
+
+    from deploytool.latency import Ratio
+    from deploytool.stages.quantize import QuantizeRecord, Targets, _keeps_speed
+
+    ratios = {"int8": Ratio(*int8), "mixed": Ratio(*mixed)}
+    timing = SimpleNamespace(speedup=lambda baseline, name: ratios[name], noise=0.04)
+    judge = SimpleNamespace(targets=Targets(min_speedup=1.0), fp32=Path("fp32.onnx"), measure=lambda paths, runs, control: timing)
+    record = QuantizeRecord("static", {})
+    current, candidate = object(), object()
+    builder = SimpleNamespace(judge=judge, record=record, path=lambda c: Path(f"{id(c)}.onnx"),
+                              scores={current: {"cosine": 0.9995, "snr_db": 30.0, "top1_agreement": 0.95}})
+    assert _keeps_speed(builder, current, candidate, 36) is kept  # type: ignore[arg-type]
+    assert record.attempts[-1]["search"] == "mixed precision speed" and record.attempts[-1]["float_nodes"] == 36
+    assert any("kept the int8 model" in n for n in record.notes) is not kept

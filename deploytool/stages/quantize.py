@@ -65,6 +65,9 @@ class Targets:
     max_accuracy_drop: float | None = None
     min_top1_agreement: float | None = None
     min_snr_db: float | None = 15.0
+    # the speed gate the int8 model will face (int8 latency / fp32 latency >= this), or None: not gated on speed.
+    # Mixed precision that keeps so much in float that it loses a speedup the int8 model has is not kept.
+    min_speedup: float | None = None
 
     def with_margin(self, scored: int, total: int) -> Targets:
         """Targets for scoring on `scored` of the `total` samples the gates use: shares of samples (top-1
@@ -465,14 +468,15 @@ class _Judge:
         """Latency (ms, median of block means) of each model at batch 1, by the shared block method."""
         return {name: timed.center_ms for name, timed in self.measure(paths, runs).timed.items()}
 
-    def measure(self, paths: dict[str, Path], runs: int = 60) -> Any:
-        """The shared block method (deploytool.latency) over `paths`, at batch 1 (or the fixed batch)."""
+    def measure(self, paths: dict[str, Path], runs: int = 60, control: bool = False) -> Any:
+        """The shared block method (deploytool.latency) over `paths`, at batch 1 (or the fixed batch); `control`: with
+        the A/A control (an extra session of the first model), whose distance from 1.0 is the noise of the measurement."""
         from deploytool.latency import TimingPlan, measure
         from deploytool.runners import OrtRunner
 
         feeds = next(self.evaluation.batches(self.fixed or 1, pad=self.fixed is not None))
         runners = [OrtRunner(name, path, self.threads) for name, path in paths.items()]
-        return measure(runners, feeds, TimingPlan.for_calls(runs, block=10, warmup=5), control=False)
+        return measure(runners, feeds, TimingPlan.for_calls(runs, block=10, warmup=5), control=control)
 
 
 def _compute_nodes(path: Path, op_types: list[str] | None) -> list[tuple[str, str]]:
@@ -876,6 +880,30 @@ def _check_layer_speed(builder: _Builder, uniform: _Candidate, chosen: _Candidat
     return chosen
 
 
+def _keeps_speed(builder: _Builder, current: _Candidate, mixed: _Candidate, kept: int) -> bool:
+    """Whether the mixed-precision model still clears the speed gate, or the int8 model does not clear it either
+    (then nothing is lost). Measured together by the shared latency method: fp32, the int8 model, the mixed one, and
+    the A/A control; "clears" means by more than the control's noise, so a model at the gate is not kept or dropped on
+    a coin flip of the measurement."""
+    judge, record = builder.judge, builder.record
+    gate = judge.targets.min_speedup
+    assert gate is not None
+    timing = judge.measure({"fp32": judge.fp32, "int8": builder.path(current), "mixed": builder.path(mixed)}, runs=150,
+                           control=True)
+    int8, mixed_speed = timing.speedup("fp32", "int8"), timing.speedup("fp32", "mixed")
+    margin = timing.noise or 0.0
+    record.attempts.append({"search": "mixed precision speed", "float_nodes": kept, "speedup_vs_fp32": mixed_speed.as_dict(),
+                            "int8_speedup_vs_fp32": int8.as_dict(), "noise": margin})
+    if mixed_speed.decide(gate + margin) is True or int8.decide(gate + margin) is not True:
+        return True
+    record.notes.append(
+        f"mixed precision: the targets hold with {kept} compute nodes in float, but that model runs {mixed_speed} the "
+        f"fp32 model's speed, not clear of the speed gate ({gate}x, noise {margin:.2f}), where the int8 model runs {int8}: "
+        "kept the int8 model, "
+        f"which misses the targets ({_summary(builder.scores[current])}); the verify stage gates it on both")
+    return False
+
+
 def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     """Keep the fewest most sensitive nodes in float so that the model meets the targets.
 
@@ -940,6 +968,8 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     if high == computed and computed > 0:  # no compute node left in int8: Q/DQ pairs around a float model
         record.notes.append(f"mixed precision: the targets hold only with every one of the {computed} compute nodes in "
                             "float, which leaves no int8 compute to make the model faster: kept the int8 model")
+        return current
+    if 0 < high < computed and builder.judge.targets.min_speedup is not None and not _keeps_speed(builder, current, best, high):
         return current
     if high > computed:  # float beyond the compute nodes: worth it only if the model stays faster than fp32
         judge = builder.judge
