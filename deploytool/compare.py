@@ -75,7 +75,7 @@ def classification_metrics(
     reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, k: int = 5
 ) -> dict[str, float]:
     """Top-1 (and top-k) agreement with the reference and, with labels, accuracy of the candidate."""
-    metrics = {"top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean())}
+    metrics = {"top1_agreement": top1_agreement(reference, candidate)}
     if reference.ndim >= 1 and reference.shape[-1] > k:
         # the reference's top-1 class is among the candidate's top k
         top_k = np.argsort(-candidate, axis=-1)[..., :k]
@@ -83,6 +83,12 @@ def classification_metrics(
     if labels is not None:
         metrics["accuracy"] = accuracy(candidate, labels)
     return metrics
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Share of answers (argmax over the last axis: per sample, or per token or position) the candidate shares with
+    the reference."""
+    return float((reference.argmax(-1) == candidate.argmax(-1)).mean())
 
 
 def regression_metrics(candidate: np.ndarray, labels: np.ndarray) -> dict[str, float]:

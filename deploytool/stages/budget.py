@@ -52,12 +52,12 @@ class BudgetSearch:
 
 
 def _outputs_quality(reference: list[np.ndarray], outputs: list[np.ndarray], task: str) -> dict[str, float]:
-    from deploytool.compare import compare_arrays
+    from deploytool.compare import compare_arrays, top1_agreement
 
     stats = compare_arrays(reference[0], outputs[0])
     quality = {"cosine": round(float(stats["cosine_mean"]), 6)}  # type: ignore[arg-type]
     if task == "classification" and reference[0].ndim >= 2 and reference[0].shape[-1] > 1:
-        quality["top1_agreement"] = round(float((reference[0].argmax(-1) == outputs[0].argmax(-1)).mean()), 6)
+        quality["top1_agreement"] = round(top1_agreement(reference[0], outputs[0]), 6)
     return quality
 
 

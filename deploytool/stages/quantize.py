@@ -428,7 +428,7 @@ class _Judge:
 
     def grade(self, outs: list[np.ndarray]) -> dict[str, Any]:
         """The scores of outputs against the fp32 model's."""
-        from deploytool.compare import compare_arrays
+        from deploytool.compare import compare_arrays, top1_agreement
 
         compared = [compare_arrays(ref, out) for ref, out in zip(self.references, outs, strict=True)]
         cosine = min(float(c.get("cosine_mean", float("nan"))) for c in compared)  # type: ignore[arg-type]
@@ -442,7 +442,7 @@ class _Judge:
         if out.ndim >= 2 and out.shape[-1] > 1 and out.shape == self.reference.shape:
             # the class axis is the last, as the verify stage reads it: (batch, classes), or a class per token or
             # position (batch, tokens, vocabulary) where each position's answer counts
-            result["top1_agreement"] = round(float((out.argmax(-1) == self.reference.argmax(-1)).mean()), 6)
+            result["top1_agreement"] = round(top1_agreement(self.reference, out), 6)
             if targets.min_top1_agreement is not None:
                 ok = ok and result["top1_agreement"] >= targets.min_top1_agreement
         elif targets.min_top1_agreement is not None:
@@ -722,7 +722,8 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
         builder.floats["raw"] = _Float(builder.quantizer.raw, builder.folder / "calibration-raw.json")
     graph = "raw" if current.graph == "exported" and "raw" in builder.models else current.graph
     dynamic = replace(current, mode="dynamic", graph=graph)
-    score = builder.score(dynamic, f"dynamic {_dynamic_kernels(builder.models[graph])}")
+    kernels = _dynamic_kernels(builder.models[graph])
+    score = builder.score(dynamic, f"dynamic {kernels}")
     static_score = builder.scores[current]
     if score["meets_targets"] and static_score["meets_targets"]:
         timing = judge.measure({"static": builder.path(current), "dynamic": builder.path(dynamic)})
@@ -737,7 +738,7 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
         why = "scored better" if chosen is dynamic else "static scored better"
     record.settings["activation_ranges"] = {"chosen": chosen.mode, "why": why}
     if chosen is dynamic:
-        record.notes.append(f"dynamic int8 {_dynamic_kernels(builder.models[graph])} chosen ({why}): "
+        record.notes.append(f"dynamic int8 {kernels} chosen ({why}): "
                             f"{_summary(static_score)} -> {_summary(score)}")
     return chosen
 

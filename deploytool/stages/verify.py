@@ -260,7 +260,7 @@ def _quality_gates(candidate: Candidate, gates: Mapping[str, float], added: set[
             continue
         against = candidate.base if name in added and candidate.base else None
         source = cast(dict[str, Any], mine.get(f"vs_{against}", {})) if against else mine
-        result.append(judge(name, candidate.name, source.get(key), gates[name], name in added, against))  # type: ignore[arg-type]
+        result.append(judge(name, candidate.name, source.get(key), gates[name], name in added, against))
     if "max_accuracy_drop" in gates:
         drop = None
         if "accuracy" in mine and "accuracy" in metrics[reference]:
