@@ -118,7 +118,7 @@ def run_toolchain(paths: Sequence[Path], work: Path, threads: int) -> tuple[list
 def datasets(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
     """(evaluation data, calibration data) of a recipe: [data] validation, else calibration; loaded as a run
     loads them (files relative to the recipe, image folders, module:callable sources)."""
-    from deploytool.pipeline import data_source
+    from deploytool.data import data_source
 
     data = recipe.data
     calibration = data_source(recipe, data.calibration) if data.calibration else None

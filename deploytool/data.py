@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from deploytool.errors import UserError
-from deploytool.recipe import ImageConfig, InputSpec
+from deploytool.recipe import ImageConfig, InputSpec, Recipe
 
 
 @dataclass
@@ -320,3 +320,26 @@ class CalibrationReader:
         (onnxruntime requires chunks of equal size)."""
         count = len(self)
         return max(d for d in range(1, min(most, count) + 1) if count % d == 0)
+
+
+def data_source(recipe: Recipe, value: str) -> Dataset:
+    """A recipe's data entry loaded: a path relative to the recipe, or a module:callable."""
+    source: Path | str = value if is_callable_source(value) and not recipe.resolve(value).exists() else recipe.resolve(value)
+    return load_dataset(source, recipe.model.inputs, recipe.data.labels, recipe.data.image, recipe.base_dir)
+
+
+def source_hash(recipe: Recipe, value: str | None) -> str | None:
+    """What identifies a recipe's data entry for the stage cache: its files' contents, or a callable's source file."""
+    import inspect
+
+    from deploytool.artifacts import sha256
+    from deploytool.cache import content_hash
+
+    if value is None:
+        return None
+    if is_callable_source(value) and not recipe.resolve(value).exists():
+        from deploytool.factory import resolve_factory
+
+        source = inspect.getsourcefile(resolve_factory(value, recipe.base_dir, "data callable"))
+        return f"{value}@{sha256(Path(source)) if source else 'unknown'}"
+    return content_hash(recipe.resolve(value))

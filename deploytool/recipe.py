@@ -188,6 +188,16 @@ class QuantizeConfig(Strict):
                                      description="target for the searches; default: [verify.gates] min_cosine or 0.99")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                             description="target for the searches; default: [verify.gates]")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="target for the searches; "
+                                             "default: [verify.gates], else 0.99 for a classifier under default gates")
+    min_snr_db: float | None = Field(None, allow_inf_nan=False, description="target for the searches; default: "
+                                     "[verify.gates] min_snr_db or 15")
+    min_speedup: float | None = Field(None, gt=0, allow_inf_nan=False, description="the speed gate the int8 model will "
+                                      "face (fp32 latency / int8 latency), which mixed precision must not lose; default: "
+                                      "[verify.gates] min_speedup_vs_fp32, else 1.0 under default gates")
+    threads: int | None = Field(None, ge=1, description="intra-op threads the searches time at; default: [verify] threads or 2")
+    calibration_batch: int | None = Field(None, ge=1, description="samples per calibration call; default: 16 when the "
+                                          "export has a dynamic batch axis, else 1 (a fixed batch is always honoured)")
     search_samples: int | None = Field(None, ge=1, description="cap on the validation samples the quantize stage scores "
                                        "on; default: all of them, the samples the verify stage gates on")
     equalize: bool | Literal["auto"] = Field("auto", description="cross-layer equalization of Conv chains; auto: kept "
@@ -251,6 +261,38 @@ class Recipe(Strict):
     verify: VerifyConfig | None = None
 
     base_dir: Path = Field(Path("."), exclude=True, description="folder relative paths resolve against")
+
+    @model_validator(mode="after")
+    def _cross_stage_defaults(self) -> Recipe:
+        """Defaults one stage takes from another's table, resolved here once, so that `--dry-run` and
+        recipe.resolved.toml show what runs: the quantize stage's targets are the gates verify will apply."""
+        from deploytool.gates import (
+            DEFAULT_MIN_COSINE,
+            DEFAULT_MIN_SNR_DB,
+            DEFAULT_MIN_SPEEDUP_VS_FLOAT,
+            DEFAULT_MIN_TOP1_AGREEMENT,
+        )
+
+        cfg = self.quantize
+        if cfg is None:
+            return self
+        gates = self.verify.gates if self.verify else GatesConfig()
+        defaults = self.verify is not None and self.verify.default_gates
+
+        def fill(key: str, value: Any) -> None:
+            if getattr(cfg, key) is None and value is not None:
+                setattr(cfg, key, value)
+
+        fill("min_cosine", gates.min_cosine if gates.min_cosine is not None else DEFAULT_MIN_COSINE)
+        fill("max_accuracy_drop", gates.max_accuracy_drop)
+        fill("min_top1_agreement", gates.min_top1_agreement if gates.min_top1_agreement is not None else (
+            DEFAULT_MIN_TOP1_AGREEMENT if defaults and self.data.task == "classification" else None))
+        fill("min_snr_db", gates.min_snr_db if gates.min_snr_db is not None else DEFAULT_MIN_SNR_DB)
+        fill("min_speedup", gates.min_speedup_vs_fp32 if gates.min_speedup_vs_fp32 is not None else (
+            DEFAULT_MIN_SPEEDUP_VS_FLOAT if defaults else None))
+        fill("threads", self.verify.threads if self.verify else VerifyConfig.model_fields["threads"].default)
+        fill("calibration_batch", 16 if self.export.dynamic_batch else 1)
+        return self
 
     def resolve(self, path: str | Path) -> Path:
         """A recipe path made absolute against the recipe's folder."""

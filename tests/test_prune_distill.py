@@ -274,7 +274,7 @@ def test_a_latency_budget_needs_channel_pruning() -> None:
 
 
 def test_the_recommended_artifact_is_the_fastest_model_that_passes_its_gates() -> None:
-    from deploytool.pipeline import recommend
+    from deploytool.wiring import recommend
 
     def fragment(fp32_ms: float, int8_ms: float, int8_passes: bool = True, fp32_passes: bool = True) -> dict[str, Any]:
         gates = [{"name": "min_cosine", "model": "int8", "passed": int8_passes},

@@ -58,3 +58,43 @@ def test_every_command_is_documented() -> None:
     for name, command in cli.commands.items():
         assert f"`{name}" in README, f"command {name} is not in the README"
         assert command.help, f"command {name} has no help"
+
+
+def test_readme_recipe_example_is_a_valid_recipe_naming_every_key() -> None:
+    """The README's recipe reference validates as a recipe, and names every key of every table (as a key or in a
+    comment), so a key added to the schema cannot go undocumented."""
+    import tomllib
+
+    from pydantic import BaseModel
+
+    from deploytool.recipe import Recipe
+
+    block = re.findall(r"```toml\n(.*?)```", README, flags=re.S)[0]
+    recipe = Recipe.model_validate({**tomllib.loads(block), "base_dir": ROOT / "recipes"})
+    assert recipe.quantize is not None and recipe.verify is not None and recipe.prune is not None and recipe.distill is not None
+
+    def keys(model: type[BaseModel], prefix: str) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            if name == "base_dir":
+                continue
+            found.append(prefix + name)
+            kinds = (field.annotation, *getattr(field.annotation, "__args__", ()))
+            if getattr(field.annotation, "__origin__", None) is list:
+                continue  # a list of tables, e.g. [model] inputs: written inline
+            for kind in kinds:
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    found += keys(kind, f"{prefix}{name}.")
+        return found
+
+    headers = re.findall(r"^\[([\w.]+)\]", block, flags=re.M)
+    sections = dict(zip(["", *headers], re.split(r"^\[[\w.]+\]", block, flags=re.M)))
+    missing = []
+    for key in keys(Recipe, ""):
+        table, _, name = key.rpartition(".")
+        if table in sections and re.search(rf"\b{name}\b", sections[table]):
+            continue
+        if table == "" and f"[{name}]" in block:
+            continue  # a table of its own
+        missing.append(key)
+    assert not missing, f"recipe keys not in their table of the README's recipe example: {missing}"

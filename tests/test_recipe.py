@@ -283,3 +283,22 @@ def test_schema_forbids_extra_keys_everywhere() -> None:
     assert schema.get("additionalProperties") is False
     for name, definition in schema["$defs"].items():
         assert definition.get("additionalProperties") is False, name
+
+
+def test_quantize_targets_threads_and_calibration_batch_are_resolved_from_the_other_tables_once() -> None:
+    """What the quantize stage aims at is resolved in the recipe (so --dry-run shows it): the gates verify applies."""
+    base = {"name": "r", "model": {"factory": "m:f", "inputs": [{"name": "x", "shape": ["batch", 4]}], "outputs": ["y"]},
+            "quantize": {}}
+    defaults = Recipe.model_validate({**base, "verify": {"threads": 3}}).quantize
+    assert defaults is not None
+    assert (defaults.min_cosine, defaults.min_top1_agreement, defaults.min_snr_db, defaults.min_speedup) == (0.99, 0.99, 15.0, 1.0)
+    assert (defaults.max_accuracy_drop, defaults.threads, defaults.calibration_batch) == (None, 3, 16)
+    gated = Recipe.model_validate({**base, "data": {"task": "embedding"}, "export": {"dynamic_batch": False},
+                                   "verify": {"gates": {"min_cosine": 0.95, "max_accuracy_drop": 0.02, "min_snr_db": 20}}}).quantize
+    assert gated is not None
+    assert (gated.min_cosine, gated.max_accuracy_drop, gated.min_snr_db, gated.min_top1_agreement) == (0.95, 0.02, 20.0, None)
+    assert gated.calibration_batch == 1 and gated.threads == 2
+    own = Recipe.model_validate({**base, "quantize": {"min_cosine": 0.999, "threads": 1},
+                                 "verify": {"default_gates": False, "gates": {"min_cosine": 0.9}}}).quantize
+    assert own is not None and (own.min_cosine, own.threads, own.min_speedup, own.min_top1_agreement) == (0.999, 1, None, None)
+    assert Recipe.model_validate({**base, "quantize": {"min_cosine": 0.999}}).to_toml().count("min_cosine = 0.999") == 1

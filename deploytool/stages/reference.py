@@ -32,7 +32,7 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
     if not reference.exists():
         raise UserError(f"reference not found: {reference}")
     if reference.suffix == ".toml":
-        from deploytool.pipeline import data_source
+        from deploytool.data import data_source
         from deploytool.recipe import load_recipe
         from deploytool.runners import TorchRunner
         from deploytool.stages.load import load_model
