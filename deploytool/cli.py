@@ -567,9 +567,10 @@ def verify_cmd(reference: Path, candidates: tuple[Path, ...], data: Path | None,
         click.echo(f"note: {note}")
     if json_out:
         from deploytool.artifacts import write_text
+        from deploytool.report_schema import checked
         from deploytool.stages.report import json_safe
 
-        write_text(json_out, json.dumps(json_safe(report), indent=2) + "\n")
+        write_text(json_out, json.dumps(checked(json_safe(report)), indent=2) + "\n")
     if report_dir:
         report_dir.mkdir(exist_ok=True)
         write_reports(report, report_dir)

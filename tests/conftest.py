@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,3 +233,13 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[CliRun, Path]:
     """`deploytool run recipes/digits-cnn.toml --out DIR`, once per test session (about 15 s)."""
     out = tmp_path_factory.mktemp("digits") / "run"
     return invoke("run", DIGITS_RECIPE, "--out", out), out
+
+
+class CreatesMarker:
+    """Unpickling this object runs `touch <marker>`: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch '{self.marker}'",)

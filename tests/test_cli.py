@@ -288,7 +288,7 @@ def test_export_command_user_errors(cli: Cli, tmp_path: Path, tiny: TinyModel) -
 
 
 def test_export_command_refuses_a_malicious_checkpoint(cli: Cli, tmp_path: Path, tiny: TinyModel) -> None:
-    from test_load import CreatesMarker
+    from conftest import CreatesMarker
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"

@@ -321,7 +321,9 @@ def render_html(report: dict[str, Any]) -> str:
 def write_reports(report: dict[str, Any], out_dir: Path) -> None:
     """report.json first and whole (NaN/Inf as null), then report.md and report.html; a renderer that fails
     leaves a short page saying so instead of taking report.json or the run with it."""
-    report = json_safe(report)
+    from deploytool.report_schema import checked
+
+    report = checked(json_safe(report))
     write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     for filename, render in (("report.md", render_markdown), ("report.html", render_html)):
         try:

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DIGITS, ROOT, TINY_CNN, TinyModel, write_module
+from conftest import DIGITS, ROOT, TINY_CNN, CreatesMarker, TinyModel, write_module
 
 from deploytool.checkpoint import read_state_dict
 from deploytool.errors import UserError
 from deploytool.factory import resolve_factory
 from deploytool.stages.load import load_model
-
-
-class CreatesMarker:
-    """Unpickling this object runs `touch <marker>`: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return os.system, (f"touch '{self.marker}'",)
 
 
 def user_error(factory: str, checkpoint: Path | None, base_dir: Path) -> UserError:
