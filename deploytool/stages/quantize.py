@@ -281,6 +281,10 @@ class _Quantizer:
 
         cfg = self.cfg
         model = model or self.base
+        if op_types is not None and self.op_types is not None and not set(op_types) <= set(self.op_types):
+            # ONNX Runtime calibrates only the tensors of the op types it quantizes: other op types (a speed-search
+            # variant) need ranges of their own, in a cache of their own
+            model = _Float(model.path, model.cache.with_name(f"{model.cache.stem}-{'-'.join(sorted(op_types))}.json"))
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         common: dict[str, Any] = {
             "per_channel": cfg.per_channel,
