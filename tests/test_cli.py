@@ -473,3 +473,47 @@ def test_python_dash_m_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "deploytool", "--help"], capture_output=True, text=True, cwd=ROOT,
                             timeout=60)
     assert result.returncode == 0 and "Usage: deploytool" in result.stdout
+
+
+# --dry-run on the stand-alone commands: the configuration they run, and nothing written
+
+
+def test_stand_alone_commands_print_what_they_run_and_write_nothing(cli: Cli, tmp_path: Path, tiny: TinyModel) -> None:
+    import tomllib
+
+    from deploytool.recipe import load_recipe
+
+    model = ["--factory", tiny.factory, "--input", "image:batch,1,8,8", "--output-name", "logits"]
+    out = tmp_path / "out.bin"
+    commands = {
+        "export": ["export", tiny.checkpoint, *model, "-o", out, "--opset", "17", "--no-simplify"],
+        "prune": ["prune", tiny.checkpoint, *model, "-o", out, "--ratio", "0.25", "--task", "generic"],
+        "distill": ["distill", tiny.checkpoint, *model, "--train", DIGITS / "calib.npz", "-o", out, "--epochs", "2"],
+        "quantize": ["quantize", tiny.onnx, "-o", out, "--mode", "dynamic", "--min-cosine", "0.95"],
+        "simplify": ["simplify", tiny.onnx, "-o", out],
+        "verify": ["verify", tiny.onnx, tiny.onnx, "--gate", "min_cosine=0.98", "--runs", "7"],
+    }
+    printed = {}
+    for name, args in commands.items():
+        result = cli(*args, "--dry-run")
+        assert result.exit_code == 0, (name, result.output)
+        printed[name] = tomllib.loads(result.output)
+    assert list(tmp_path.iterdir()) == []
+    assert printed["export"]["export"]["opset"] == 17 and printed["export"]["simplify"] == {"enabled": False, "atol": 1e-5,
+                                                                                            "rtol": 1e-4}
+    assert printed["prune"]["prune"]["ratio"] == 0.25 and printed["prune"]["data"]["task"] == "generic"
+    assert printed["distill"]["distill"]["epochs"] == 2 and printed["distill"]["distill"]["train"] == str(DIGITS / "calib.npz")
+    assert printed["quantize"]["quantize"]["mode"] == "dynamic" and printed["quantize"]["quantize"]["min_cosine"] == 0.95
+    assert printed["verify"]["verify"]["runs"] == 7 and printed["verify"]["verify"]["gates"]["min_cosine"] == 0.98
+    # a model command's configuration is a recipe `deploytool run` accepts, with absolute paths
+    recipe_file = tmp_path / "export.toml"
+    recipe_file.write_text(cli(*commands["export"], "--dry-run").output)
+    recipe = load_recipe(recipe_file)
+    assert recipe.model.checkpoint == str(tiny.checkpoint) and recipe.export.opset == 17
+
+
+def test_a_dry_run_still_refuses_bad_options(cli: Cli, tmp_path: Path, tiny: TinyModel) -> None:
+    assert_user_error(cli("quantize", tiny.onnx, "-o", tmp_path / "q.onnx", "--dry-run"), "needs --calibration")
+    assert_user_error(cli("verify", tiny.onnx, tmp_path / "missing.onnx", "--dry-run"), "candidate not found")
+    assert_user_error(cli("prune", tiny.checkpoint, "--factory", tiny.factory, "--input", "image:batch,1,8,8",
+                          "--output-name", "logits", "-o", tmp_path / "p.bin", "--ratio", "1.5", "--dry-run"), "ratio")

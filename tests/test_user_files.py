@@ -201,11 +201,11 @@ def test_stage_commands_check_their_output_before_any_work(cli: Cli, tmp_path: P
 
 
 def test_output_check_needs_free_space(tmp_path: Path) -> None:
-    from deploytool.cli import _check_output
+    from deploytool.commands import check_output
     from deploytool.errors import UserError
 
     with pytest.raises(UserError) as info:
-        _check_output(tmp_path / "huge.onnx", False, size_hint=1 << 62)
+        check_output(tmp_path / "huge.onnx", False, size_hint=1 << 62)
     assert f"not enough free space in {tmp_path}" in info.value.message
     assert list(tmp_path.iterdir()) == []
 

@@ -116,6 +116,30 @@ def gate_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def bench_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per model and batch of a `bench` result."""
+    header = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "speedup vs first", "session MiB"]
+    rows = []
+    for name, res in results["models"].items():
+        for b, r in res["batches"].items():
+            speedup = f"{r['speedup']:.2f}x [{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}]" if "speedup" in r else "-"
+            memory = res.get("peak_memory_bytes")
+            rows.append([name, str(b), f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['p99']:.3f}", f"{r['throughput_per_s']:.1f}",
+                         speedup, f"{memory / 2**20:.1f}" if memory else "-"])
+    return header, rows
+
+
+def aa_lines(results: dict[str, Any]) -> list[str]:
+    """The A/A control of a `bench` result, per batch: the noise floor of its speedups."""
+    lines = []
+    for batch, how in results["latency"].items():
+        aa = how.get("aa") or {}
+        if aa:
+            lines.append(f"A/A control at batch {batch} ({aa['model']} against itself): {aa['value']:.3f}x "
+                         f"[{aa['ci'][0]:.3f}, {aa['ci'][1]:.3f}]: differences below {aa['noise']:.1%} are noise")
+    return lines
+
+
 def _stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["stage", "status", "seconds"], [[str(s.get("name")), str(s.get("status")), _fmt(s.get("seconds"), 2)]
                                             for s in report.get("stages") or []]
