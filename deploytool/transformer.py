@@ -310,6 +310,49 @@ def float_bypass(model: Any, quantized: Callable[[Any], bool]) -> int:
     return rewired
 
 
+REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+def restore_activations(model: Any, original: Any) -> int:
+    """Give float readers back the activations ONNX Runtime's QDQ quantizer removed.
+
+    The quantizer drops a Relu or Clip whose input it quantizes and lets the QuantizeLinear that follows clamp
+    instead, renaming the producer's output to the activation's. A node that reads that tensor in float (kept
+    in float by the search, or an op type that is not quantized) then reads the unclamped values: a ResNet
+    block's second convolution kept in float took cosine from 0.998 to 0.90. Such readers get a copy of the
+    original activation. Returns the number of copies inserted. Changes `model` in place."""
+    import onnx
+
+    graph = model.graph
+    before = {o: n for n in original.graph.node for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    known = {t.name for t in graph.initializer} | {i.name for i in graph.input} | set(producer)
+    inserted = 0
+    for name, activation in before.items():
+        current = producer.get(name)
+        if activation.op_type not in REMOVABLE_ACTIVATIONS or current is None or current.op_type in REMOVABLE_ACTIVATIONS:
+            continue
+        readers = [n for n in graph.node if name in n.input and n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+        if not readers:
+            continue
+        for extra in activation.input[1:]:  # Clip's min and max, when the quantized graph dropped them
+            if extra and extra not in known:
+                graph.initializer.extend(t for t in original.graph.initializer if t.name == extra)
+                known.add(extra)
+        restored = f"{name}_float_{activation.op_type.lower()}"
+        copy = onnx.helper.make_node(activation.op_type, [name, *activation.input[1:]], [restored],
+                                     name=f"{activation.name}_float_copy")
+        copy.attribute.extend(activation.attribute)
+        for reader in readers:
+            for i, value in enumerate(reader.input):
+                if value == name:
+                    reader.input[i] = restored
+        position = list(graph.node).index(current) + 1
+        graph.node.insert(position, copy)
+        inserted += 1
+    return inserted
+
+
 def drop_dead_qdq(model: Any) -> int:
     """Remove QuantizeLinear/DequantizeLinear nodes whose outputs nothing reads; returns how many."""
     graph = model.graph

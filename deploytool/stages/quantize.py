@@ -338,7 +338,7 @@ class _Quantizer:
                     common["nodes_to_exclude"] = self.excluded(exclude)
                     run()
                 if cfg.format == "qdq":
-                    self._bypass(out, common["op_types_to_quantize"], common["nodes_to_exclude"])
+                    self._bypass(out, common["op_types_to_quantize"], common["nodes_to_exclude"], model.path)
             except UserError:
                 raise
             except Exception as exc:
@@ -346,17 +346,19 @@ class _Quantizer:
 
 
     @staticmethod
-    def _bypass(path: Path, op_types: list[str] | None, excluded: list[str]) -> None:
-        """Nodes that are not quantized read float tensors, not 8-bit copies (deploytool.transformer.float_bypass)."""
+    def _bypass(path: Path, op_types: list[str] | None, excluded: list[str], source: Path) -> None:
+        """Nodes that are not quantized read float tensors, not 8-bit copies (deploytool.transformer.float_bypass),
+        with the activations the quantizer folded into a QuantizeLinear restored on their float path."""
         import onnx
 
-        from deploytool.transformer import drop_dead_qdq, float_bypass
+        from deploytool.transformer import drop_dead_qdq, float_bypass, restore_activations
 
         skip = set(excluded)
         types = set(op_types) if op_types is not None else None
         model = onnx.load(str(path))
         if float_bypass(model, lambda node: node.name not in skip and (types is None or node.op_type in types)):
             drop_dead_qdq(model)
+            restore_activations(model, onnx.load(str(source), load_external_data=False))
             onnx.save(model, str(path))
 
     def _protect_extremes(self, model: _Float) -> bool:

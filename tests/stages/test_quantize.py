@@ -143,3 +143,44 @@ def test_without_preprocessing(tmp_path: Path, tiny: TinyModel, calib: Dataset) 
     out = tmp_path / "raw.onnx"
     record = quantize_onnx(tiny.onnx, out, QuantizeConfig(preprocess=False, calibration_samples=32), calib, 16)
     assert record.preprocess == "skipped" and "QuantizeLinear" in ops(out)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_a_convolution_kept_in_float_reads_its_input_through_the_activation(tmp_path: Path, activation: str) -> None:
+    """ONNX Runtime folds a Relu/Clip into the QuantizeLinear after it; a convolution kept in float reads the float
+    tensor, so the activation must be put back on that path (without it, the negatives went through unclamped)."""
+    import torch
+
+    from deploytool.progress import Silent
+    from deploytool.stages.quantize import _Quantizer
+
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.act = torch.nn.ReLU() if activation == "relu" else torch.nn.ReLU6()
+            self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv2(self.act(self.conv1(x))) + x.mean(dim=1, keepdim=True)
+
+    fp32 = tmp_path / "fp32.onnx"
+    torch.onnx.export(Block().eval(), (torch.randn(1, 3, 12, 12),), str(fp32), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    rng = np.random.default_rng(0)
+    data = Dataset({"x": (rng.standard_normal((32, 3, 12, 12)) * 3).astype(np.float32)})
+    second = next(n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv" and n.input[0] != "x")
+    quantizer = _Quantizer(fp32, QuantizeConfig(preprocess=False), data, 16, tmp_path, Silent())
+    quantizer.quantize(tmp_path / "all.onnx", [])
+    quantizer.quantize(tmp_path / "float_conv2.onnx", [second])
+
+    def cosine(path: Path) -> float:
+        (want,), (got,) = OrtRunner("fp32", fp32).infer(data.feeds), OrtRunner("int8", path).infer(data.feeds)
+        return float(compare_arrays(want, got)["cosine_mean"])  # type: ignore[arg-type]
+
+    everything, kept = cosine(tmp_path / "all.onnx"), cosine(tmp_path / "float_conv2.onnx")
+    assert kept >= everything - 1e-3 and kept > 0.999, (everything, kept)
+    restored = [n for n in onnx.load(str(tmp_path / "float_conv2.onnx")).graph.node if n.name.endswith("_float_copy")]
+    assert [n.op_type for n in restored] == ["Relu" if activation == "relu" else "Clip"]
