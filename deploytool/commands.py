@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool.errors import UserError
+from deploytool.gates import DEFAULT_MIN_COSINE
 from deploytool.recipe import GatesConfig, InputSpec, ModelConfig, Recipe, VerifyConfig
 
 
@@ -270,8 +271,9 @@ def quantize_file(model: Path, out: Path, cfg: Any, calibration: Path | None, da
     calibration_data = load_dataset(calibration, specs) if calibration else None
     evaluation = load_dataset(data, specs) if data else None
     batch = cfg.calibration_batch or (16 if isinstance(specs[0].shape[0], str) else 1)
-    targets = Targets(cfg.min_cosine, cfg.max_accuracy_drop)
-    return quantize_onnx(model, out, cfg, calibration_data, batch, evaluation, targets, cfg.threads, progress)
+    targets = Targets(cfg.min_cosine if cfg.min_cosine is not None else DEFAULT_MIN_COSINE, cfg.max_accuracy_drop)
+    threads = cfg.threads or VerifyConfig.model_fields["threads"].default
+    return quantize_onnx(model, out, cfg, calibration_data, batch, evaluation, targets, threads, progress)
 
 
 def parse_gates(texts: tuple[str, ...]) -> dict[str, float]:
