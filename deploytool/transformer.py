@@ -338,6 +338,9 @@ def restore_activations(model: Any, original: Any) -> int:
         for extra in activation.input[1:]:  # Clip's min and max, when the quantized graph dropped them
             if extra and extra not in known:
                 graph.initializer.extend(t for t in original.graph.initializer if t.name == extra)
+                constant = before.get(extra)
+                if constant is not None and constant.op_type == "Constant" and not any(t.name == extra for t in graph.initializer):
+                    graph.node.insert(0, constant)
                 known.add(extra)
         restored = f"{name}_float_{activation.op_type.lower()}"
         copy = onnx.helper.make_node(activation.op_type, [name, *activation.input[1:]], [restored],

@@ -261,3 +261,26 @@ def test_smoothquant_is_tried_when_outliers_meet_a_missed_target(encoders: dict[
         best = max(tried, key=lambda a: float(a["snr_db"]))  # type: ignore[arg-type]
         assert float(best["snr_db"]) > float(record.attempts[0]["snr_db"])  # type: ignore[arg-type]
         assert smoothing["tensors"]
+
+
+def test_restored_clip_brings_back_constant_bounds_the_quantized_graph_dropped() -> None:
+    """A ReLU6 exported with Constant-node bounds: when the quantized graph lost both the Clip and its Constants, the
+    float reader's copy of the Clip gets the Constants back, and the graph runs."""
+    import onnxruntime as ort
+
+    from deploytool.transformer import restore_activations
+
+    def graph(nodes: list[Any]) -> Any:
+        return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+
+    bounds = [helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+              for name, value in (("lo", 0.0), ("hi", 6.0))]
+    original = graph([*bounds, helper.make_node("Neg", ["x"], ["pre"], name="neg"),
+                      helper.make_node("Clip", ["pre", "lo", "hi"], ["act"], name="clip"),
+                      helper.make_node("Abs", ["act"], ["y"], name="abs")])
+    quantized = graph([helper.make_node("Neg", ["x"], ["act"], name="neg"), helper.make_node("Abs", ["act"], ["y"], name="abs")])
+    assert restore_activations(quantized, original) == 1
+    onnx.checker.check_model(quantized)
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": np.array([-10.0, 3.0], np.float32)})[0], [6.0, 0.0])
