@@ -29,6 +29,8 @@ def _console(stderr: bool = False) -> Any:
 class DeployGroup(click.Group):
     """Turns library errors into one line (two with a hint) and the documented exit code."""
 
+    interrupted = False  # the interruption was reported (and the exit code chosen)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -63,6 +65,7 @@ class DeployGroup(click.Group):
         """One line, and exit 130 (SIGINT) or 143 (SIGTERM)."""
         resume = "; run the same command again to resume the run" if ctx.invoked_subcommand == "run" else ""
         click.echo(f"interrupted ({name}){resume}", err=True)
+        DeployGroup.interrupted = True
         ctx.exit(Terminated.exit_code if name == "SIGTERM" else 130)
 
 
@@ -479,7 +482,12 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
         signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    cli(prog_name="deploytool")
+    try:
+        cli(prog_name="deploytool")
+    except KeyboardInterrupt:  # one that escaped click, e.g. while it was exiting: still 130, never a traceback
+        if not DeployGroup.interrupted:
+            click.echo("interrupted (SIGINT)", err=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
