@@ -342,11 +342,11 @@ def quantize_cmd(model: Path, out: Path, calibration: Path | None, fmt: str, red
     """Quantize an ONNX file to int8 with ONNX Runtime (static with calibration data, or dynamic)."""
     from deploytool.commands import quantize_config, quantize_file, table_toml
 
-    cfg = quantize_config(model, calibration, data, **settings, format=fmt, exclude_nodes=list(exclude_nodes),
+    cfg, specs = quantize_config(model, calibration, data, **settings, format=fmt, exclude_nodes=list(exclude_nodes),
                           reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range], op_types=list(op_types) or None)
     if dry_run:
         return _print_recipe(table_toml("quantize", cfg))
-    record = quantize_file(model, out, cfg, calibration, data, force, _progress())
+    record = quantize_file(model, specs, out, cfg, calibration, data, force, _progress())
     for node in record.float_nodes:
         click.echo(f"kept in float: {node['node']} ({node['op']}): {node['why']}")
     _notes(record.notes)

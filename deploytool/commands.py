@@ -247,26 +247,25 @@ def simplify_file(model: Path, out: Path, data: Path | None, force: bool) -> Any
     return simplify_onnx(model, out, SimplifyConfig(), sample_for(specs, data))
 
 
-def quantize_config(model: Path, calibration: Path | None, data: Path | None, **settings: Any) -> Any:
-    """The [quantize] table of the command; the searches' targets and threads are in it."""
+def quantize_config(model: Path, calibration: Path | None, data: Path | None, **settings: Any) -> tuple[Any, list[InputSpec]]:
+    """The [quantize] table of the command (the searches' targets and threads are in it), and the model's inputs."""
     from deploytool.recipe import QuantizeConfig
     from deploytool.stages.inspect import input_specs
 
-    input_specs(model)  # a readable ONNX file first
+    specs = input_specs(model)  # a readable ONNX file first
     if settings["mode"] == "static" and calibration is None:
         raise UserError("static quantization needs --calibration data", "or use --mode dynamic")
     if (settings["auto_mixed_precision"] or settings["speed_search"]) and data is None:
         raise UserError("--auto-mixed-precision and --speed-search need --data to score on")
-    return validated(QuantizeConfig, **settings)
+    return validated(QuantizeConfig, **settings), specs
 
 
-def quantize_file(model: Path, out: Path, cfg: Any, calibration: Path | None, data: Path | None, force: bool, progress: Any) -> Any:
+def quantize_file(model: Path, specs: list[InputSpec], out: Path, cfg: Any, calibration: Path | None, data: Path | None,
+                  force: bool, progress: Any) -> Any:
     """int8 with ONNX Runtime (static with calibration data, or dynamic), searches scored on `data`: the QuantizeRecord."""
     from deploytool.data import load_dataset
-    from deploytool.stages.inspect import input_specs
     from deploytool.stages.quantize import Targets, quantize_onnx
 
-    specs = input_specs(model)
     check_output(out, force, size_of(model) // 4)
     calibration_data = load_dataset(calibration, specs) if calibration else None
     evaluation = load_dataset(data, specs) if data else None

@@ -225,8 +225,8 @@ def quantize(ctx: RunContext) -> None:
                       min_top1_agreement=cfg.min_top1_agreement, min_snr_db=cfg.min_snr_db, min_speedup=cfg.min_speedup)
     batch, threads = cfg.calibration_batch, cfg.threads
     evaluation = start.validation or start.calibration
-    inputs = {**start.hashes, "model": sha256(fp32), "isa": ",".join(cpu_info()["isa"]),  # type: ignore[arg-type]
-              "targets": str(targets), "threads": str(threads)}
+    # the targets and threads are part of the [quantize] table, and so of its cache key
+    inputs = {**start.hashes, "model": sha256(fp32), "isa": ",".join(cpu_info()["isa"])}  # type: ignore[arg-type]
     details = ctx.cached(
         cfg.model_dump(), inputs, [int8],
         lambda: quantize_onnx(fp32, int8, cfg, start.calibration, batch, evaluation, targets, threads, ctx.progress).as_dict(),

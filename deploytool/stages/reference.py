@@ -7,7 +7,6 @@ from pathlib import Path
 
 from deploytool.data import Dataset
 from deploytool.errors import UserError
-from deploytool.recipe import GatesConfig
 from deploytool.runners import Runner
 
 
@@ -16,7 +15,6 @@ class Reference:
     runner: Runner
     dataset: Dataset
     task: str
-    gates: GatesConfig | None  # a recipe's gates
     label: str  # how the report names it
     onnx_float: bool = False  # an ONNX file without quantized operators: the float sibling of a quantized candidate
 
@@ -49,13 +47,12 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
             dataset = data_source(recipe, recipe.data.validation)  # as a run would load it
         else:
             dataset = random_dataset(specs, samples, seed)
-        gates = recipe.verify.gates if recipe.verify else None
-        return Reference(runner, dataset, task or recipe.data.task, gates, f"recipe {recipe.name} (PyTorch)")
+        return Reference(runner, dataset, task or recipe.data.task, f"recipe {recipe.name} (PyTorch)")
     if is_golden(reference):
         golden = GoldenRunner(reference)
         if data is not None:
             raise UserError("--data cannot be combined with golden outputs: they verify on their own stored inputs")
-        return Reference(golden, golden.dataset, task or "generic", None, f"golden outputs {reference.name}")
+        return Reference(golden, golden.dataset, task or "generic", f"golden outputs {reference.name}")
     if reference.suffix == ".npz":
         raise UserError(f"{reference} is an .npz without deploytool golden outputs", "create them with verify --save-golden")
     from deploytool.gates import is_quantized
@@ -64,7 +61,7 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
     specs = input_specs(reference)
     onnx_runner = OrtRunner("reference", reference, threads, user_file=True)
     dataset = load_dataset(data, specs) if data else random_dataset(specs, samples, seed)
-    return Reference(onnx_runner, dataset, task or "generic", None, str(reference), onnx_float=not is_quantized(reference))
+    return Reference(onnx_runner, dataset, task or "generic", str(reference), onnx_float=not is_quantized(reference))
 
 
 def candidate_names(reference: Path, candidates: tuple[Path, ...] | list[Path]) -> list[str]:
