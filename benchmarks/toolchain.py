@@ -103,7 +103,8 @@ def _run_recipe(recipe_path: Path, out_dir: Path, threads: int) -> dict[str, Any
         result = run_recipe(load_recipe(recipe_path), out_dir, force=True, use_cache=False)
     except DeployError as exc:
         return {"error": f"{type(exc).__name__}: {exc.message}"}
-    return {"report": result.report, "peak_rss_bytes": peak_rss_bytes()}
+    report = json.loads((result.out_dir / "report.json").read_text(encoding="utf-8"))  # as written, every key
+    return {"report": report, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _imports_only() -> dict[str, Any]:

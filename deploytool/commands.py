@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploytool.errors import UserError
-from deploytool.gates import DEFAULT_MIN_COSINE
-from deploytool.recipe import GatesConfig, InputSpec, ModelConfig, Recipe, VerifyConfig
+from deploytool.recipe import GatesConfig, ModelConfig, Recipe, VerifyConfig
+from deploytool.report_schema import Report
 
 
 def check_output(path: Path, force: bool, size_hint: int = 0) -> None:
@@ -109,7 +109,6 @@ class ModelOptions:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     trust_checkpoint: bool = False
-    notes: list[str] = field(default_factory=list)  # what loading the checkpoint unwrapped or stripped
 
     def config(self) -> ModelConfig:
         return validated(ModelConfig, factory=self.factory, factory_args=parse_factory_args(self.factory_args),
@@ -117,162 +116,153 @@ class ModelOptions:
                          inputs=[parse_input(t) for t in self.inputs], outputs=list(self.outputs),
                          trust_checkpoint=self.trust_checkpoint)
 
-    def load(self) -> tuple[ModelConfig, Any]:
-        """(ModelConfig, the loaded nn.Module)."""
-        from deploytool.stages.load import load_model
 
-        cfg = self.config()
-        model = load_model(self.factory, self.checkpoint, Path.cwd(), self.trust_checkpoint, cfg.factory_args, self.notes)
-        return cfg, model
+def one_stage_recipe(command: str, model: dict[str, Any], data: dict[str, Any], **tables: Any) -> Recipe:
+    """The recipe a command runs: its [model], [data] and its stage's table (paths relative to the current folder).
+    Its absolute() form is what `--dry-run` prints: a recipe `deploytool run` accepts (which then also runs the stages
+    the command leaves out, such as export, and verifies where asked)."""
+    from deploytool.stages.inspect import recipe_io
 
-
-def one_stage_recipe(command: str, options: ModelOptions, data: dict[str, Any], **tables: Any) -> Recipe:
-    """The recipe a model command runs: its [model], [data] and its stage's table (paths relative to the current folder).
-    Its absolute() form is what `--dry-run` prints: a recipe `deploytool run` accepts (which then also exports, and
-    verifies where asked)."""
-    from deploytool.recipe import Recipe
-
-    values = {"name": command, "model": options.config().model_dump(), "data": {k: v for k, v in data.items() if v is not None},
+    values = {"name": command, "model": model, "data": {k: v for k, v in data.items() if v is not None},
               **{k: v for k, v in tables.items() if v is not None}}
     recipe: Recipe = validated(Recipe, **values, base_dir=Path.cwd())
-    return recipe
+    return recipe_io(recipe)  # an ONNX model's inputs and outputs, read from the file
 
 
 def table_toml(name: str, config: Any) -> str:
-    """One recipe table as TOML: what a command on an ONNX file runs, for its --dry-run."""
+    """One recipe table as TOML: what verify runs, for its --dry-run."""
     import tomli_w
 
     return str(tomli_w.dumps({name: config.model_dump(mode="json", exclude_none=True)}))
 
 
-def sample_for(specs: list[InputSpec], data: Path | None, count: int = 2) -> Any:
-    from deploytool.data import load_dataset, random_dataset
+def run_command(recipe: Recipe, stages: tuple[str, ...], artifact: str, out: Path, force: bool, run_dir: Path | None,
+                progress: Any = None, size_hint: int = 0) -> Report:
+    """A command's recipe run through the pipeline (load, then `stages`) and its artifact copied to `out`: the report.
 
-    return (load_dataset(data, specs) if data else random_dataset(specs, count)).head(count)
+    The run folder is `run_dir` (kept: run.log, report, resolved recipe and the stage cache, which a rerun with the same
+    folder reuses), else a temporary folder, removed after the command unless a stage failed (its run.log is kept)."""
+    import shutil
+    import tempfile
+
+    from deploytool.errors import StageError
+    from deploytool.pipeline import run_recipe, stages_named
+
+    check_output(out, force, size_hint)
+    folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix=f"deploytool-{recipe.name}-"))
+    try:
+        # a kept run folder holds this command's previous run: its results are replaced, its stage cache reused
+        result = run_recipe(recipe, folder, force=run_dir is not None, progress=progress, use_cache=run_dir is not None,
+                            stages=stages_named("load", *stages))
+        publish(folder / artifact, out)
+    except StageError as exc:
+        if run_dir is None and (folder / "run.log").is_file():
+            exc.hint = f"the traceback is in {folder / 'run.log'}"
+        elif run_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except BaseException:
+        if run_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if run_dir is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return result.report
+
+
+def publish(artifact: Path, out: Path) -> None:
+    """A run's artifact copied to `out` whole or not at all: written under a temporary name beside it, then renamed."""
+    import os
+    import shutil
+
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if artifact.with_name(artifact.name + ".data").exists():  # an ONNX model with its weights beside it
+            import onnx
+
+            model = onnx.load(str(artifact))
+            onnx.save_model(model, str(temporary), save_as_external_data=True, location=f"{out.name}.data")
+        else:
+            shutil.copyfile(artifact, temporary)
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def export_recipe(options: ModelOptions, opset: int, static_batch: bool, data: Path | None, simplify: bool) -> Recipe:
-    return one_stage_recipe("export", options, {"calibration": str(data) if data else None},
+    return one_stage_recipe("export", options.config().model_dump(exclude_defaults=True), {"calibration": str(data) if data else None},
                             export={"opset": opset, "dynamic_batch": not static_batch}, simplify={"enabled": simplify})
 
 
-def export_file(options: ModelOptions, recipe: Recipe, out: Path, force: bool) -> Any:
-    """Export (and unless the recipe turns simplify off, simplify with its numeric check) a checkpoint to one ONNX
-    file: the ExportRecord."""
-    import tempfile
-
-    from deploytool.stages.export import export_onnx
-
-    check_output(out, force, size_of(options.checkpoint))
-    model_cfg, model = options.load()
-    data = recipe.data.calibration
-    sample = sample_for(model_cfg.inputs, Path(data) if data else None)
-    if recipe.simplify is None or not recipe.simplify.enabled:
-        return export_onnx(model, model_cfg.inputs, model_cfg.outputs, recipe.export, sample, out)
-    from deploytool.stages.simplify import simplify_onnx
-
-    with tempfile.TemporaryDirectory(prefix="deploytool-") as tmp:
-        raw = Path(tmp) / "exported.onnx"
-        record = export_onnx(model, model_cfg.inputs, model_cfg.outputs, recipe.export, sample, raw)
-        record.notes.extend(simplify_onnx(raw, out, recipe.simplify, sample).notes)
-    return record
+def export_file(recipe: Recipe, out: Path, force: bool, run_dir: Path | None, progress: Any) -> Report:
+    """Export (and unless the recipe turns simplify off, simplify with its numeric check) a checkpoint to one ONNX file."""
+    checkpoint = recipe.model.checkpoint
+    return run_command(recipe, ("export", "simplify"), "model.onnx", out, force, run_dir, progress,
+                       size_of(Path(checkpoint) if checkpoint else None))
 
 
 def prune_recipe(options: ModelOptions, data: Path | None, task: str, **settings: Any) -> Recipe:
-    return one_stage_recipe("prune", options, {"calibration": str(data) if data else None, "task": task}, prune=settings)
+    return one_stage_recipe("prune", options.config().model_dump(exclude_defaults=True),
+                            {"calibration": str(data) if data else None, "task": task}, prune=settings)
 
 
-def prune_file(options: ModelOptions, recipe: Recipe, out: Path, force: bool) -> Any:
-    """Prune a checkpoint into safetensors that reload with the same factory: the PruneRecord."""
-    from deploytool.checkpoint import save_model
-    from deploytool.data import load_dataset, random_dataset
-    from deploytool.stages.prune import prune_model
-
-    assert recipe.prune is not None
-    check_output(out, force, size_of(options.checkpoint))
-    model_cfg, model = options.load()
-    data = recipe.data.calibration
-    dataset = load_dataset(Path(data), model_cfg.inputs) if data else random_dataset(model_cfg.inputs, 32)
-    pruned, record = prune_model(model, model_cfg.inputs, recipe.prune, dataset, recipe.data.task)
-    save_model(pruned, out)
-    return record
+def prune_file(recipe: Recipe, out: Path, force: bool, run_dir: Path | None, progress: Any) -> Report:
+    """Prune a checkpoint into safetensors that reload with the same factory."""
+    checkpoint = recipe.model.checkpoint
+    return run_command(recipe, ("prune",), "pruned.safetensors", out, force, run_dir, progress,
+                       size_of(Path(checkpoint) if checkpoint else None))
 
 
 def distill_recipe(options: ModelOptions, student_checkpoint: Path | None, student_factory: str | None, train_data: Path,
                    val_data: Path | None, task: str, **settings: Any) -> Recipe:
-    return one_stage_recipe("distill", options, {"calibration": str(train_data), "task": task},
+    """Without --student and --student-factory the student is a fresh model of the teacher's factory."""
+    return one_stage_recipe("distill", options.config().model_dump(exclude_defaults=True), {"calibration": str(train_data), "task": task},
                             distill={**settings, "train": str(train_data), "validation": str(val_data) if val_data else None,
-                                     "student_factory": student_factory,
+                                     "student_factory": student_factory or options.factory,
                                      "student_checkpoint": str(student_checkpoint) if student_checkpoint else None})
 
 
-def distill_file(options: ModelOptions, recipe: Recipe, out: Path, force: bool, progress: Any) -> Any:
-    """Distill the model (teacher) into a student, data-parallel under torchrun: the DistillRecord, or None on a
-    follower rank (which writes nothing)."""
-    from deploytool.checkpoint import save_model
-    from deploytool.data import load_dataset
-    from deploytool.stages.distill import distill, finish_distributed, world
-    from deploytool.stages.load import load_model
+def distill_file(recipe: Recipe, out: Path, force: bool, run_dir: Path | None, progress: Any) -> Report | None:
+    """Distill the model (teacher) into a student, data-parallel under torchrun: the report, or None on a follower
+    rank (which takes part in training and writes nothing)."""
+    from deploytool.pipeline import follow_recipe, stages_named
+    from deploytool.stages.distill import world
 
-    cfg = recipe.distill
-    assert cfg is not None and cfg.train is not None
-    student_checkpoint = Path(cfg.student_checkpoint) if cfg.student_checkpoint else None
-    leader = world()[0] == 0
-    if leader:
-        check_output(out, force, size_of(student_checkpoint) or size_of(options.checkpoint))
-    model_cfg, teacher = options.load()
-    student = load_model(cfg.student_factory or options.factory, student_checkpoint, Path.cwd(),
-                         factory_args=None if cfg.student_factory else model_cfg.factory_args)
-    train = load_dataset(Path(cfg.train), model_cfg.inputs)
-    val = load_dataset(Path(cfg.validation), model_cfg.inputs) if cfg.validation else train
-    try:
-        trained, record = distill(teacher, student, model_cfg.inputs, train, val, recipe.data.task, cfg,
-                                  progress if leader else None)
-    finally:
-        finish_distributed()
-    if not leader:
+    if world()[0] != 0:
+        follow_recipe(recipe, stages_named("load", "distill"))
         return None
-    save_model(trained, out)
-    return record
+    assert recipe.distill is not None
+    student = recipe.distill.student_checkpoint
+    checkpoint = recipe.model.checkpoint
+    return run_command(recipe, ("distill",), "distilled.safetensors", out, force, run_dir, progress,
+                       size_of(Path(student) if student else None) or size_of(Path(checkpoint) if checkpoint else None))
 
 
-def simplify_file(model: Path, out: Path, data: Path | None, force: bool) -> Any:
-    """onnxsim on one ONNX file, checked on sample inputs: the SimplifyRecord."""
-    from deploytool.recipe import SimplifyConfig
-    from deploytool.stages.inspect import input_specs
-    from deploytool.stages.simplify import simplify_onnx
-
-    specs = input_specs(model)
-    check_output(out, force)
-    return simplify_onnx(model, out, SimplifyConfig(), sample_for(specs, data))
+def simplify_recipe(model: Path, data: Path | None) -> Recipe:
+    return one_stage_recipe("simplify", {"onnx": str(model)}, {"calibration": str(data) if data else None}, simplify={"enabled": True})
 
 
-def quantize_config(model: Path, calibration: Path | None, data: Path | None, **settings: Any) -> tuple[Any, list[InputSpec]]:
-    """The [quantize] table of the command (the searches' targets and threads are in it), and the model's inputs."""
-    from deploytool.recipe import QuantizeConfig
-    from deploytool.stages.inspect import input_specs
+def simplify_file(recipe: Recipe, out: Path, force: bool, run_dir: Path | None, progress: Any) -> Report:
+    """onnxsim on one ONNX file, checked on sample inputs."""
+    return run_command(recipe, ("export", "simplify"), "model.onnx", out, force, run_dir, progress)
 
-    specs = input_specs(model)  # a readable ONNX file first
+
+def quantize_recipe(model: Path, calibration: Path | None, data: Path | None, **settings: Any) -> Recipe:
+    """The command's recipe: the model, its calibration data, the data the searches score on and the [quantize] table."""
     if settings["mode"] == "static" and calibration is None:
         raise UserError("static quantization needs --calibration data", "or use --mode dynamic")
     if (settings["auto_mixed_precision"] or settings["speed_search"]) and data is None:
         raise UserError("--auto-mixed-precision and --speed-search need --data to score on")
-    return validated(QuantizeConfig, **settings), specs
+    return one_stage_recipe("quantize", {"onnx": str(model)},
+                            {"calibration": str(calibration) if calibration else None, "validation": str(data) if data else None},
+                            quantize=settings)
 
 
-def quantize_file(model: Path, specs: list[InputSpec], out: Path, cfg: Any, calibration: Path | None, data: Path | None,
-                  force: bool, progress: Any) -> Any:
-    """int8 with ONNX Runtime (static with calibration data, or dynamic), searches scored on `data`: the QuantizeRecord."""
-    from deploytool.data import load_dataset
-    from deploytool.stages.quantize import Targets, quantize_onnx
-
-    check_output(out, force, size_of(model) // 4)
-    calibration_data = load_dataset(calibration, specs) if calibration else None
-    evaluation = load_dataset(data, specs) if data else None
-    batch = cfg.calibration_batch or (16 if isinstance(specs[0].shape[0], str) else 1)
-    targets = Targets(cfg.min_cosine if cfg.min_cosine is not None else DEFAULT_MIN_COSINE, cfg.max_accuracy_drop)
-    threads = cfg.threads or VerifyConfig.model_fields["threads"].default
-    return quantize_onnx(model, out, cfg, calibration_data, batch, evaluation, targets, threads, progress)
+def quantize_file(recipe: Recipe, out: Path, force: bool, run_dir: Path | None, progress: Any) -> Report:
+    """int8 with ONNX Runtime (static with calibration data, or dynamic), searches scored on the recipe's validation data."""
+    assert recipe.model.onnx is not None
+    return run_command(recipe, ("export", "quantize"), "model.int8.onnx", out, force, run_dir, progress,
+                       size_of(Path(recipe.model.onnx)) // 4)
 
 
 def parse_gates(texts: tuple[str, ...]) -> dict[str, float]:
@@ -310,7 +300,7 @@ def verify_config(reference: Path, candidates: tuple[Path, ...], gates: tuple[st
 
 
 def verify_files(reference: Path, candidates: tuple[Path, ...], cfg: VerifyConfig, run_only: bool, data: Path | None,
-                 task: str | None, seed: int, samples: int, outputs: dict[str, Path | None], force: bool) -> dict[str, Any]:
+                 task: str | None, seed: int, samples: int, outputs: dict[str, Path | None], force: bool) -> Report:
     """The candidates against the reference (an ONNX file, golden outputs or a recipe) under `cfg`; writes the outputs
     asked for (json, report folder, junit, golden) and returns the report."""
     from deploytool.stages.reference import candidate_names, resolve_reference
@@ -330,17 +320,18 @@ def verify_files(reference: Path, candidates: tuple[Path, ...], cfg: VerifyConfi
     report["stages"] = [{"name": "verify", "status": "done", "seconds": round(time.perf_counter() - started, 3)}]
     if run_only:
         report["notes"].append("the recipe's gate min_speedup_vs_fp32 applies to runs (int8 against fp32): not evaluated here")
-    write_verify_outputs(report, outputs, time.perf_counter() - started)
-    return report
+    return write_verify_outputs(report, outputs, time.perf_counter() - started)
 
 
-def write_verify_outputs(report: dict[str, Any], outputs: dict[str, Path | None], seconds: float) -> None:
+def write_verify_outputs(report: dict[str, Any], outputs: dict[str, Path | None], seconds: float) -> Report:
+    """The report checked against the schema, then written where asked: the report, typed."""
     from deploytool.artifacts import write_text
-    from deploytool.report_schema import checked
     from deploytool.stages.report import json_safe, write_reports
 
+    report = json_safe(report)
+    typed = Report.model_validate(report)
     if outputs.get("json") is not None:
-        write_text(outputs["json"], json.dumps(checked(json_safe(report)), indent=2) + "\n")  # type: ignore[arg-type]
+        write_text(outputs["json"], json.dumps(report, indent=2) + "\n")  # type: ignore[arg-type]
     folder = outputs.get("report")
     if folder is not None:
         folder.mkdir(exist_ok=True)
@@ -349,6 +340,7 @@ def write_verify_outputs(report: dict[str, Any], outputs: dict[str, Path | None]
         from deploytool.junit import write_junit
 
         write_junit(outputs["junit"], "verify", report["gates"], seconds)  # type: ignore[arg-type]
+    return typed
 
 
 def bench_files(models: tuple[Path, ...], data: Path | None, batches: tuple[int, ...], threads: int, plan: Any, memory: bool,

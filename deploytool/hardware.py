@@ -8,6 +8,9 @@ import platform
 from pathlib import Path
 from typing import cast
 
+# intra-op threads models are timed at unless told otherwise ([verify] threads, the searches, bench)
+DEFAULT_THREADS = 2
+
 # /proc/cpuinfo flag -> the name we report
 _X86_FLAGS = {
     "avx2": "avx2",

@@ -61,21 +61,14 @@ def run_stages(ctx: RunContext, stages: Sequence[Stage] = STAGES) -> None:
 
 @dataclass
 class RunResult:
+    """Where a run wrote its results, and its report (as written to report.json, typed)."""
+
     out_dir: Path
-    report: dict[str, Any]
+    report: Report
 
     @property
     def passed(self) -> bool:
-        return bool(self.report["passed"])
-
-    @property
-    def failed_gates(self) -> list[dict[str, Any]]:
-        return [g for g in self.report["gates"] if not g["passed"]]
-
-    @property
-    def typed(self) -> Report:
-        """The report's stable keys as a typed model."""
-        return Report.model_validate(self.report)
+        return self.report.passed
 
 
 def preflight(recipe: Recipe) -> None:
@@ -83,6 +76,8 @@ def preflight(recipe: Recipe) -> None:
     model = recipe.model
     if model.checkpoint is not None and not recipe.resolve(model.checkpoint).exists():
         raise UserError(f"checkpoint not found: {recipe.resolve(model.checkpoint)}", "check [model] checkpoint")
+    if model.onnx is not None and not recipe.resolve(model.onnx).is_file():
+        raise UserError(f"ONNX model not found: {recipe.resolve(model.onnx)}", "check [model] onnx")
     paths = [("[data] calibration", recipe.data.calibration), ("[data] validation", recipe.data.validation)]
     if recipe.distill:
         paths += [("[distill] train", recipe.distill.train), ("[distill] validation", recipe.distill.validation),
@@ -104,9 +99,10 @@ def preflight(recipe: Recipe) -> None:
 
 def run_recipe(
     recipe: Recipe, out_dir: Path, force: bool = False, progress: Progress | None = None, use_cache: bool = True,
-    junit: Path | None = None,
+    junit: Path | None = None, stages: Sequence[Stage] = STAGES,
 ) -> RunResult:
-    """Run every stage the recipe enables and write the report (and JUnit XML to `junit`); gate failures do not raise.
+    """Run every stage the recipe enables (of `stages`) and write the report (and JUnit XML to `junit`); gate failures
+    do not raise.
 
     The run folder is locked for the run. A run that fails or is interrupted (SIGINT, SIGTERM) leaves a
     report that does not pass and a folder that the same call resumes."""
@@ -115,6 +111,9 @@ def run_recipe(
     from deploytool.artifacts import recording, write_text
 
     preflight(recipe)
+    from deploytool.stages.inspect import recipe_io
+
+    recipe = recipe_io(recipe)  # a [model] onnx file's inputs and outputs
     check_out_dir(recipe, out_dir)
     if junit is not None and junit.is_dir():
         raise UserError(f"--junit {junit} is a folder", "give the path of the XML file to write")
@@ -148,11 +147,11 @@ def run_recipe(
                 folder.record(out_dir / CACHE_DIR)
             run = RunContext(recipe, out_dir, progress or Silent(), StageCache(out_dir / CACHE_DIR) if use_cache else None)
             write_text(out_dir / "recipe.resolved.toml", recipe.absolute().to_toml())
-            report = _execute(run)
+            report = _execute(run, stages)
             if junit is not None:
                 from deploytool.junit import write_junit
 
-                write_junit(junit, recipe.name, report["gates"], sum(s["seconds"] for s in report["stages"]))
+                write_junit(junit, recipe.name, [g.model_dump() for g in report.gates], sum(s.seconds for s in report.stages))
             folder.finish("finished")
             return RunResult(out_dir, report)
         except UserError:
@@ -210,12 +209,19 @@ def _write_failed_report(run: RunContext) -> None:
         log.exception("could not write the report of a failed run")
 
 
-def follow_recipe(recipe: Recipe) -> None:
+def follow_recipe(recipe: Recipe, stages: Sequence[Stage] = STAGES) -> None:
     """A non-zero torchrun rank: take part in distillation, write nothing."""
-    run_stages(RunContext(recipe, None))
+    run_stages(RunContext(recipe, None), stages)
 
 
-def _execute(run: RunContext, stages: Sequence[Stage] = STAGES) -> dict[str, Any]:
+def stages_named(*names: str) -> tuple[Stage, ...]:
+    """The stages of the table with these names, in the table's order: what a stand-alone command runs."""
+    unknown = set(names) - {stage.name for stage in STAGES}
+    assert not unknown, f"no such stage: {unknown}"
+    return tuple(stage for stage in STAGES if stage.name in names)
+
+
+def _execute(run: RunContext, stages: Sequence[Stage] = STAGES) -> Report:
     from deploytool.stages.report import write_reports
 
     run_stages(run, stages)
@@ -224,7 +230,6 @@ def _execute(run: RunContext, stages: Sequence[Stage] = STAGES) -> dict[str, Any
         report.update(run.verification)
     else:
         report["passed"] = True
-        run.notes.append("no [verify] table: nothing was checked beyond export")
-    report = json_safe(report)
-    write_reports(report, run.folder)  # checked against the report schema there
-    return report
+        if any(stage.name == "verify" for stage in stages):
+            run.notes.append("no [verify] table: nothing was checked beyond export")
+    return write_reports(report, run.folder)  # checked against the report schema there

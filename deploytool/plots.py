@@ -70,10 +70,9 @@ def layer_error_plot(tensors: list[dict[str, Any]], first: dict[str, Any] | None
     return _encode(fig)
 
 
-def models_plot(report: dict[str, Any]) -> str | None:
+def models_plot(metrics: dict[str, dict[str, Any]], sizes: dict[str, int | None]) -> str | None:
     """File size, accuracy (or cosine) and p50 latency of each model, side by side."""
-    metrics, models = report.get("metrics") or {}, report.get("models") or {}
-    names = [n for n in metrics if n in models and isinstance(metrics[n], dict) and isinstance(models[n], dict)]
+    names = [n for n in metrics if n in sizes and isinstance(metrics[n], dict)]
     if not names:
         return None
     fig, axes = _figure(9.0, 3.0, columns=3)
@@ -81,11 +80,11 @@ def models_plot(report: dict[str, Any]) -> str | None:
     def number(value: object) -> float:  # None and NaN are drawn as 0
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
-    sizes = [number(models[n].get("size_bytes")) / 1024 for n in names]
+    kilobytes = [number(sizes[n]) / 1024 for n in names]
     quality_key = "accuracy" if any("accuracy" in metrics[n] for n in names) else "cosine_mean"
     quality = [number(metrics[n].get(quality_key)) for n in names]
     latency = [number((metrics[n].get("latency_ms") or {}).get("p50")) for n in names]
-    for ax, values, label in zip(axes, (sizes, quality, latency), ("size (KB)", quality_key, "p50 latency (ms)")):
+    for ax, values, label in zip(axes, (kilobytes, quality, latency), ("size (KB)", quality_key, "p50 latency (ms)")):
         ax.barh(names, values, color="#2c7fb8")
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=8)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deploytool.errors import UserError
+from deploytool.hardware import DEFAULT_THREADS
 
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 
@@ -46,21 +47,41 @@ class InputSpec(Strict):
 
 
 class ModelConfig(Strict):
-    factory: str = Field(description="module:callable or path/to/file.py:callable building the nn.Module")
+    """The model to deploy: a PyTorch model (factory, checkpoint) or an ONNX file (onnx)."""
+
+    factory: str | None = Field(None, description="module:callable or path/to/file.py:callable building the nn.Module")
+    onnx: str | None = Field(None, description="an ONNX model to start from instead of a PyTorch one: the run simplifies, "
+                             "quantizes and verifies it against itself (inputs and outputs are read from the file)")
     factory_args: dict[str, Any] = Field(default_factory=dict,
                                          description="keyword arguments the factory is called with (a TOML table)")
     checkpoint: str | None = Field(None, description="state_dict as .pt/.pth (loaded weights_only) or .safetensors")
     trust_checkpoint: bool = Field(False, description="allow unpickling arbitrary objects (a full module): runs code from the file")
-    inputs: list[InputSpec] = Field(min_length=1)
-    outputs: list[str] = Field(min_length=1)
+    inputs: list[InputSpec] = Field(default_factory=list, description="required with factory; read from the file with onnx")
+    outputs: list[str] = Field(default_factory=list, description="required with factory; read from the file with onnx")
 
     @field_validator("factory")
     @classmethod
-    def _has_callable(cls, factory: str) -> str:
-        module, sep, attr = factory.rpartition(":")
-        if not sep or not module or not attr:
+    def _has_callable(cls, factory: str | None) -> str | None:
+        module, sep, attr = (factory or ":").rpartition(":")
+        if factory is not None and (not sep or not module or not attr):
             raise ValueError(f"'{factory}' must look like 'package.module:callable' or 'path/to/file.py:callable'")
         return factory
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.factory is None) == (self.onnx is None):
+            raise ValueError("give either factory (a PyTorch model) or onnx (an ONNX file), not both" if self.factory
+                             else "a model needs factory (a PyTorch model) or onnx (an ONNX file)")
+        if self.onnx is not None:
+            given = [k for k in ("checkpoint", "factory_args", "trust_checkpoint") if getattr(self, k)]
+            if given:
+                raise ValueError(f"{', '.join(given)} belong(s) to a PyTorch model; an onnx model has its weights in the file")
+        else:
+            for key, what in (("inputs", "the name, shape and dtype of each input"), ("outputs", "the output names")):
+                if not getattr(self, key):  # given but empty, or left out
+                    raise ValueError(f"[model] {key}: a PyTorch model needs {what} (got [])" if key in self.model_fields_set
+                                     else f"missing key '{key}' in [model] (a PyTorch model needs {what})")
+        return self
 
 
 class ImageConfig(Strict):
@@ -233,7 +254,7 @@ class GatesConfig(Strict):
 
 
 class VerifyConfig(Strict):
-    threads: int = Field(2, ge=1)
+    threads: int = Field(DEFAULT_THREADS, ge=1)
     batch_size: int = Field(64, ge=1, description="batch size for accuracy and error metrics")
     latency_batch: int = Field(1, ge=1, description="batch size for latency measurement")
     warmup: int = Field(10, ge=0)
@@ -273,6 +294,9 @@ class Recipe(Strict):
             DEFAULT_MIN_TOP1_AGREEMENT,
         )
 
+        if self.model.onnx is not None and (self.prune is not None or self.distill is not None):
+            raise ValueError(f"[{'prune' if self.prune else 'distill'}] changes a PyTorch model; [model] onnx starts from an "
+                             "ONNX file (use factory and checkpoint to prune or distill)")
         cfg = self.quantize
         if cfg is None:
             return self
@@ -290,8 +314,9 @@ class Recipe(Strict):
         fill("min_snr_db", gates.min_snr_db if gates.min_snr_db is not None else DEFAULT_MIN_SNR_DB)
         fill("min_speedup", gates.min_speedup_vs_fp32 if gates.min_speedup_vs_fp32 is not None else (
             DEFAULT_MIN_SPEEDUP_VS_FLOAT if defaults else None))
-        fill("threads", self.verify.threads if self.verify else VerifyConfig.model_fields["threads"].default)
-        fill("calibration_batch", 16 if self.export.dynamic_batch else 1)
+        fill("threads", self.verify.threads if self.verify else DEFAULT_THREADS)
+        if self.model.onnx is None:  # an ONNX file's batch axis is read from the file (stages.inspect.recipe_io)
+            fill("calibration_batch", 16 if self.export.dynamic_batch else 1)
         return self
 
     def resolve(self, path: str | Path) -> Path:
@@ -311,7 +336,8 @@ class Recipe(Strict):
             return str(self.resolve(value))
 
         update: dict[str, Any] = {
-            "model": self.model.model_copy(update={"factory": fix(self.model.factory), "checkpoint": fix(self.model.checkpoint)}),
+            "model": self.model.model_copy(update={"factory": fix(self.model.factory), "checkpoint": fix(self.model.checkpoint),
+                                                   "onnx": fix(self.model.onnx)}),
             "data": self.data.model_copy(update={"calibration": fix(self.data.calibration), "validation": fix(self.data.validation)}),
         }
         if self.distill is not None:
@@ -323,7 +349,10 @@ class Recipe(Strict):
     def to_toml(self) -> str:
         import tomli_w
 
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+        data = self.model_dump(mode="json", exclude_none=True)
+        if self.model.onnx is not None:  # keys of a PyTorch model, at their defaults
+            data["model"] = {k: v for k, v in data["model"].items() if k not in ("factory_args", "trust_checkpoint")}
+        return tomli_w.dumps(data)
 
 
 def _field_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
@@ -395,6 +424,10 @@ def _user_error(source: str, exc: ValidationError) -> UserError:
                 hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         elif err["type"] == "missing":
             messages.append(f"missing key '{key}' in {where}")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a check across a table's keys
+            table = f"[{'.'.join(str(p) for p in loc)}]" if loc else "the recipe"
+            message = err["msg"].removeprefix("Value error, ")
+            messages.append(message if message.startswith(("[", "missing key")) else f"{table}: {message}")
         elif loc in bad:
             bad[loc][0].append(err["msg"])
         else:

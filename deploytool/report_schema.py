@@ -20,6 +20,8 @@ class Gate(_Open):
     threshold: float | None
     passed: bool
     default: bool  # applied because the user named no such gate
+    against: str | None = None  # the model the value compares with, where not the reference
+    interval: list[float | None] | None = None  # a speed gate's confidence interval
 
 
 class ModelFile(_Open):
@@ -46,6 +48,16 @@ class Report(_Open):
     stages: list[StageRecord]
     environment: dict[str, Any]
     notes: list[str] = []
+    latency_batch: int | None = None
+    # what each stage recorded (free-form: their keys are the stages' own, documented in the README)
+    export: dict[str, Any] | None = None
+    simplify: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    localization: dict[str, Any] | None = None
+    latency_samples_ms: dict[str, Any] | None = None
+    recommended: dict[str, Any] | None = None
 
     @property
     def failed_gates(self) -> list[Gate]:

@@ -19,19 +19,30 @@ from deploytool.recipe import Recipe
 log = logging.getLogger("deploytool")
 
 
-def load_inputs(recipe: Recipe) -> Inputs:
-    """The model, its data, a two-sample example and the hashes that identify them."""
-    from deploytool.data import random_dataset
+def _load_model(recipe: Recipe, notes: list[str]) -> tuple[Any, Path | None, str | None]:
+    """The PyTorch model (None for an ONNX one), its checkpoint and the hash of the file that defines it."""
     from deploytool.factory import resolve_factory
     from deploytool.stages.load import load_model
 
-    specs = recipe.model.inputs
+    if recipe.model.onnx is not None:
+        return None, None, sha256(recipe.resolve(recipe.model.onnx))
+    assert recipe.model.factory is not None
     checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-    notes: list[str] = []
     model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint,
                        recipe.model.factory_args, notes)
     if recipe.model.trust_checkpoint:
         log.warning("trust_checkpoint is set: %s was unpickled without restrictions", checkpoint)
+    source = inspect.getsourcefile(resolve_factory(recipe.model.factory, recipe.base_dir))
+    return model, checkpoint, sha256(Path(source)) if source and Path(source).is_file() else None
+
+
+def load_inputs(recipe: Recipe) -> Inputs:
+    """The model, its data, a two-sample example and the hashes that identify them."""
+    from deploytool.data import random_dataset
+
+    specs = recipe.model.inputs
+    notes: list[str] = []
+    model, checkpoint, source = _load_model(recipe, notes)
     calibration = validation = None
     if recipe.data.calibration:
         calibration = data_source(recipe, recipe.data.calibration)
@@ -40,11 +51,10 @@ def load_inputs(recipe: Recipe) -> Inputs:
         if recipe.verify and recipe.verify.gates.max_accuracy_drop is not None and validation.labels is None:
             raise UserError(f"{validation.source}: no '{recipe.data.labels}' array, but gate max_accuracy_drop needs labels")
     sample = (validation or calibration or random_dataset(specs, 2)).head(2)
-    source = inspect.getsourcefile(resolve_factory(recipe.model.factory, recipe.base_dir))
     hashes = {
         "model": recipe.model.model_dump_json(),
         "checkpoint": sha256(checkpoint) if checkpoint else None,
-        "factory_source": sha256(Path(source)) if source and Path(source).is_file() else None,
+        "factory_source": source,
         "calibration": source_hash(recipe, recipe.data.calibration),
         "validation": source_hash(recipe, recipe.data.validation),
         "image": recipe.data.image.model_dump_json() if recipe.data.image else None,
@@ -52,6 +62,12 @@ def load_inputs(recipe: Recipe) -> Inputs:
         "task": recipe.data.task,
     }
     return Inputs(model, calibration, validation, sample, hashes, notes)
+
+
+def _factory(recipe: Recipe) -> str:
+    """The factory of a PyTorch model (the stages that change a model need one; a recipe with onnx has none)."""
+    assert recipe.model.factory is not None, "prune and distill need a PyTorch model"
+    return recipe.model.factory
 
 
 def load(ctx: RunContext) -> None:
@@ -65,6 +81,12 @@ def load(ctx: RunContext) -> None:
 
     recipe = ctx.recipe
     ctx.notes.extend(start.notes)
+    if recipe.model.onnx is not None:
+        source = recipe.resolve(recipe.model.onnx)
+        ctx.models["reference"] = {**describe(source), "params": _onnx_params(source), "macs": None}
+        if recipe.verify is not None:
+            ctx.notes.append(f"the model is the ONNX file {source}: the run starts from it and verifies against it")
+        return
     ctx.example = tuple(torch.from_numpy(start.sample.feeds[s.name][:1]) for s in recipe.model.inputs)
     ctx.macs, params = count_macs(start.model, ctx.example)
     checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
@@ -74,6 +96,7 @@ def load(ctx: RunContext) -> None:
 
 def prune(ctx: RunContext) -> None:
     from deploytool.checkpoint import save_model
+    from deploytool.data import random_dataset
     from deploytool.recipe import VerifyConfig
     from deploytool.stages.load import load_model
     from deploytool.stages.prune import LatencyContext, prune_model
@@ -81,7 +104,7 @@ def prune(ctx: RunContext) -> None:
     recipe, start = ctx.recipe, ctx.inputs
     cfg = recipe.prune
     assert cfg is not None
-    data = start.calibration or start.validation or start.sample
+    data = start.calibration or start.validation or random_dataset(recipe.model.inputs, 32)
     timing = recipe.verify or VerifyConfig()
     latency = LatencyContext(recipe.model.outputs, recipe.export, timing.latency_batch, timing.threads)
     specs, task = recipe.model.inputs, recipe.data.task
@@ -96,7 +119,7 @@ def prune(ctx: RunContext) -> None:
         return result.as_dict()
 
     details = ctx.cached(cfg.model_dump(), ctx.identity, [path], compute)
-    ctx.model = load_model(recipe.model.factory, path, recipe.base_dir, factory_args=recipe.model.factory_args)
+    ctx.model = load_model(_factory(recipe), path, recipe.base_dir, factory_args=recipe.model.factory_args)
     ctx.identity = {**ctx.identity, "pruned": sha256(path)}
     ctx.models["reference"]["macs"] = details.get("macs_before")
     ctx.models["pruned"] = {**describe(path), "params": details["params_after"], "macs": details.get("macs_after")}
@@ -117,9 +140,9 @@ def distill(ctx: RunContext) -> None:
     val = data_source(recipe, cfg.validation) if cfg.validation else start.validation
     student = ctx.model
     student_checkpoint = recipe.resolve(cfg.student_checkpoint) if cfg.student_checkpoint else None
-    student_args = None if cfg.student_factory else recipe.model.factory_args
+    student_args = recipe.model.factory_args if cfg.student_factory in (None, recipe.model.factory) else None
     if cfg.student_factory or student_checkpoint:  # a student of its own (by default the model's factory)
-        student = load_model(cfg.student_factory or recipe.model.factory, student_checkpoint, recipe.base_dir,
+        student = load_model(cfg.student_factory or _factory(recipe), student_checkpoint, recipe.base_dir,
                              factory_args=student_args)
     distilled = ctx.folder / "distilled.safetensors" if ctx.writing else None
     trained: list[Any] = []
@@ -147,7 +170,7 @@ def distill(ctx: RunContext) -> None:
               "val": source_hash(recipe, cfg.validation) if cfg.validation else start.hashes["validation"]}
     # a data-parallel run must not skip training while the other ranks wait for it
     details = compute() if world()[1] > 1 else ctx.cached(cfg.model_dump(), inputs, [distilled], compute)
-    ctx.model = trained[0] if trained else load_model(cfg.student_factory or recipe.model.factory, distilled, recipe.base_dir,
+    ctx.model = trained[0] if trained else load_model(cfg.student_factory or _factory(recipe), distilled, recipe.base_dir,
                                                       factory_args=student_args)
     ctx.identity = {**ctx.identity, "distilled": sha256(distilled)}
     ctx.models["distilled"] = {**describe(distilled), "params": sum(p.numel() for p in ctx.model.parameters())}
@@ -160,12 +183,16 @@ def _sample_hash(recipe: Recipe) -> str:
 
 def export(ctx: RunContext) -> None:
     """model.onnx (model.exported.onnx when simplify follows), and model.unpruned.onnx when the model was changed: the
-    original in ONNX too, so that pruning's effect on ONNX Runtime latency is measured."""
+    original in ONNX too, so that pruning's effect on ONNX Runtime latency is measured. A [model] onnx file is copied."""
     from deploytool.stages.export import export_onnx
 
     recipe, start, out = ctx.recipe, ctx.inputs, ctx.folder
     simplify = recipe.simplify is not None and recipe.simplify.enabled
     ctx.exported = out / "model.exported.onnx" if simplify else out / "model.onnx"
+    if recipe.model.onnx is not None:
+        _copy_onnx(recipe.resolve(recipe.model.onnx), ctx.exported)
+        ctx.details["export"] = {"exporter": "none (the recipe's ONNX file)", "source": str(recipe.resolve(recipe.model.onnx))}
+        return None if simplify else _fp32(ctx)
     ctx.unpruned = out / "model.unpruned.onnx" if ctx.model is not start.model else None
     if ctx.model is not start.model:
         from deploytool.stages.prune import count_macs
@@ -201,15 +228,29 @@ def simplify(ctx: RunContext) -> None:
     _fp32(ctx)
 
 
-def _fp32(ctx: RunContext) -> None:
-    """The float ONNX model is final: describe it and make it the first candidate."""
+def _copy_onnx(source: Path, target: Path) -> None:
+    """An ONNX file copied into the run folder, with any external weights it refers to brought inside."""
+    import onnx
+
+    from deploytool.stages.inspect import read_onnx
+
+    model = read_onnx(source)  # loads external data too
+    large = model.ByteSize() > 2**31 - 2**26  # protobuf's 2 GB limit: keep the weights beside the graph
+    onnx.save_model(model, str(target), save_as_external_data=large, location=f"{target.name}.data")
+
+
+def _onnx_params(path: Path) -> int:
     import numpy as np
     import onnx
 
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(np.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11)))
+
+
+def _fp32(ctx: RunContext) -> None:
+    """The float ONNX model is final: describe it and make it the first candidate."""
     fp32 = ctx.folder / "model.onnx"
-    model = onnx.load(str(fp32), load_external_data=False)
-    params = int(sum(np.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11)))
-    ctx.models["fp32"] = {**describe(fp32), "params": params, "macs": ctx.final_macs}
+    ctx.models["fp32"] = {**describe(fp32), "params": _onnx_params(fp32), "macs": ctx.final_macs}
     ctx.candidates = [("fp32", fp32)]
 
 
@@ -252,7 +293,12 @@ def verify(ctx: RunContext) -> None:
     extra = [("unpruned_fp32", unpruned)] if unpruned else []
     for name, path in extra:
         ctx.models[name] = describe(path)
-    reference = TorchRunner("reference", start.model, [s.name for s in specs], outputs)
+    if recipe.model.onnx is not None:
+        from deploytool.runners import OrtRunner
+
+        reference: Any = OrtRunner("reference", recipe.resolve(recipe.model.onnx), recipe.verify.threads, user_file=True)
+    else:
+        reference = TorchRunner("reference", start.model, [s.name for s in specs], outputs)
     sizes = {name: m["size_bytes"] for name, m in ctx.models.items()}
     changed = recipe.prune is not None or recipe.distill is not None
     files = [CandidateFile(name, path, "quantized" if name == "int8" else ("lossy" if changed else "equivalent"),
@@ -262,7 +308,8 @@ def verify(ctx: RunContext) -> None:
     golden = ctx.folder / "golden.npz"
     fragment = verify_and_explain(reference, files, dataset, recipe.data.task, recipe.verify, sizes,
                                   ctx.progress, extra, pairs, always_localize=True, golden=golden,
-                                  ort_baseline="unpruned_fp32" if unpruned else "fp32", speed_gate="min_speedup_vs_fp32")
+                                  ort_baseline="unpruned_fp32" if unpruned else ("reference" if recipe.model.onnx else "fp32"),
+                                  speed_gate="min_speedup_vs_fp32")
     ctx.models["golden"] = describe(golden)
     ctx.notes.extend(fragment.pop("notes"))  # type: ignore[arg-type]
     metrics: dict[str, Any] = fragment["metrics"]  # type: ignore[assignment]

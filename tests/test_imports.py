@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "deploytool"
-WIRING = {"cli", "commands", "pipeline", "wiring", "__main__"}  # the modules whose job is to call the stages
+WIRING = {"cli", "commands", "console", "options", "pipeline", "wiring", "__main__"}  # the modules whose job is to call the stages
 
 
 def _module(path: Path) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from deploytool.data import Dataset
 from deploytool.errors import UserError
+from deploytool.hardware import DEFAULT_THREADS
 from deploytool.recipe import ExportConfig, InputSpec, PruneConfig
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def search_ratio(
     task: str,
     export: ExportConfig,
     latency_batch: int = 1,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     progress: Any = None,
 ) -> BudgetSearch:
     """The smallest channel-pruning ratio (up to cfg.max_ratio) that meets the latency budget, by measurement."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool.errors import UserError, first_line
-from deploytool.recipe import InputSpec
+from deploytool.recipe import InputSpec, Recipe
 
 _DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
@@ -36,13 +36,24 @@ def _shape(value_info: Any) -> list[int | str]:
 
 
 def input_specs(path: Path) -> list[InputSpec]:
+    return model_io(path)[0]
+
+
+def model_io(path: Path) -> tuple[list[InputSpec], list[str]]:
+    """An ONNX file's inputs (initializers aside) as input specs, and its output names."""
+    from pydantic import ValidationError
+
     model = read_onnx(path)
     initializers = {t.name for t in model.graph.initializer}
-    return [
-        InputSpec(name=i.name, shape=_shape(i) or [1], dtype=_DTYPES.get(i.type.tensor_type.elem_type, "float32"))  # type: ignore[arg-type]
-        for i in model.graph.input
-        if i.name not in initializers
-    ]
+    try:
+        specs = [
+            InputSpec(name=i.name, shape=_shape(i) or [1], dtype=_DTYPES.get(i.type.tensor_type.elem_type, "float32"))  # type: ignore[arg-type]
+            for i in model.graph.input
+            if i.name not in initializers
+        ]
+    except ValidationError as exc:
+        raise UserError(f"{path}: an input deploytool cannot feed: {exc.errors()[0]['msg']}") from None
+    return specs, [o.name for o in model.graph.output]
 
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
@@ -73,3 +84,24 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "quantized": any(op in ops for op in ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
                                               "DynamicQuantizeLinear")),
     }
+
+
+def recipe_io(recipe: Recipe) -> Recipe:
+    """The recipe, with the inputs and outputs of a [model] onnx file filled in from the file (inputs the recipe names
+    must be the file's: their shapes and dtypes then replace the file's)."""
+    if recipe.model.onnx is None:
+        return recipe
+    path = recipe.resolve(recipe.model.onnx)
+    specs, outputs = model_io(path)
+    if recipe.model.inputs:
+        names, given = sorted(s.name for s in specs), sorted(s.name for s in recipe.model.inputs)
+        if names != given:
+            raise UserError(f"[model] inputs {given} are not the inputs of {path}: {names}", "leave inputs out to use the file's")
+        specs = recipe.model.inputs
+    if recipe.model.outputs and sorted(recipe.model.outputs) != sorted(outputs):
+        raise UserError(f"[model] outputs {recipe.model.outputs} are not the outputs of {path}: {outputs}",
+                        "leave outputs out to use the file's")
+    update: dict[str, Any] = {"model": recipe.model.model_copy(update={"inputs": specs, "outputs": outputs})}
+    if recipe.quantize is not None and recipe.quantize.calibration_batch is None:  # what the file's batch axis takes
+        update["quantize"] = recipe.quantize.model_copy(update={"calibration_batch": 16 if isinstance(specs[0].shape[0], str) else 1})
+    return recipe.model_copy(update=update)

@@ -19,6 +19,7 @@ import numpy as np
 
 from deploytool.data import Dataset
 from deploytool.errors import StageError, UserError, first_line
+from deploytool.hardware import DEFAULT_THREADS
 from deploytool.recipe import ExportConfig, InputSpec, PruneConfig
 
 if TYPE_CHECKING:
@@ -407,7 +408,7 @@ class LatencyContext:
     outputs: Sequence[str]
     export: ExportConfig
     batch: int = 1
-    threads: int = 2
+    threads: int = DEFAULT_THREADS
 
 
 def prune_model(

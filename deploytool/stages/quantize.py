@@ -33,6 +33,7 @@ import numpy as np
 from deploytool.artifacts import atomic_path
 from deploytool.data import CalibrationReader, Dataset
 from deploytool.errors import StageError, UserError, first_line
+from deploytool.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_SNR_DB
 from deploytool.hardware import cpu_info, has_int8_dot_product
 from deploytool.logs import quiet
 from deploytool.progress import Progress, Silent
@@ -61,10 +62,10 @@ class Targets:
     The verify stage's default gates for a quantized model are the same quantities: cosine, SNR and,
     for classifiers, top-1 agreement with the fp32 model (no labels needed)."""
 
-    min_cosine: float = 0.99
+    min_cosine: float = DEFAULT_MIN_COSINE
     max_accuracy_drop: float | None = None
     min_top1_agreement: float | None = None
-    min_snr_db: float | None = 15.0
+    min_snr_db: float | None = DEFAULT_MIN_SNR_DB
     # the speed gate the int8 model will face (int8 latency / fp32 latency >= this), or None: not gated on speed.
     # Mixed precision that keeps so much in float that it loses a speedup the int8 model has is not kept.
     min_speedup: float | None = None

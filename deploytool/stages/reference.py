@@ -36,18 +36,30 @@ def resolve_reference(reference: Path, data: Path | None, task: str | None, seed
         from deploytool.stages.load import load_model
 
         recipe = load_recipe(reference)
-        checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
-        model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint,
-                           recipe.model.factory_args)
-        specs = recipe.model.inputs
-        runner = TorchRunner("reference", model, [s.name for s in specs], recipe.model.outputs)
+        if recipe.model.onnx is not None:  # a recipe that starts from an ONNX file: that file, with the recipe's data
+            from deploytool.gates import is_quantized
+            from deploytool.stages.inspect import recipe_io
+
+            path = recipe.resolve(recipe.model.onnx)
+            recipe = recipe_io(recipe)
+            specs = recipe.model.inputs
+            runner: Runner = OrtRunner("reference", path, threads, user_file=True)
+            label, onnx_float = f"recipe {recipe.name} ({path.name})", not is_quantized(path)
+        else:
+            assert recipe.model.factory is not None
+            checkpoint = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
+            model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, recipe.model.trust_checkpoint,
+                               recipe.model.factory_args)
+            specs = recipe.model.inputs
+            runner = TorchRunner("reference", model, [s.name for s in specs], recipe.model.outputs)
+            label, onnx_float = f"recipe {recipe.name} (PyTorch)", False
         if data is not None:
             dataset = load_dataset(data, specs, recipe.data.labels, recipe.data.image)
         elif recipe.data.validation:
             dataset = data_source(recipe, recipe.data.validation)  # as a run would load it
         else:
             dataset = random_dataset(specs, samples, seed)
-        return Reference(runner, dataset, task or recipe.data.task, f"recipe {recipe.name} (PyTorch)")
+        return Reference(runner, dataset, task or recipe.data.task, label, onnx_float)
     if is_golden(reference):
         golden = GoldenRunner(reference)
         if data is not None:

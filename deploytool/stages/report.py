@@ -13,6 +13,7 @@ from typing import Any
 
 from deploytool.artifacts import write_text
 from deploytool.hardware import cpu_info
+from deploytool.report_schema import Report
 
 log = logging.getLogger("deploytool.report")
 
@@ -75,15 +76,14 @@ def _ratio(metrics: dict[str, Any], key: str) -> str:
     return text
 
 
-def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def summary_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     """One row per model: the table shown on the terminal and in the Markdown/HTML reports."""
     header = ["model", "size (KB)", "accuracy", "top-1 agree", "cosine mean", "max abs err", "p50 ms", "p90 ms", "speedup",
               "vs ORT fp32"]
     rows = []
-    for name, metrics in (report.get("metrics") or {}).items():
-        metrics = metrics if isinstance(metrics, dict) else {}
-        model = _get(report, "models", name) or {}
-        size = model.get("size_bytes") if isinstance(model, dict) else None
+    for name, metrics in report.metrics.items():
+        model = report.models.get(name)
+        size = model.size_bytes if model is not None else None
         rows.append(
             [
                 str(name),
@@ -101,18 +101,16 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def gate_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def gate_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     header = ["gate", "model", "value", "threshold", "verdict", "how"]
     rows = []
-    for g in report.get("gates") or []:
-        how = ["default" if g.get("default") else "set"]
-        if g.get("against"):
-            how.append(f"against {g['against']}")
-        interval = g.get("interval")
-        if isinstance(interval, list) and len(interval) == 2:
-            how.append(f"interval [{_fmt(interval[0], 3)}, {_fmt(interval[1], 3)}]")
-        rows.append([str(g.get("name")), str(g.get("model")), _fmt(g.get("value"), 5), _fmt(g.get("threshold"), 5),
-                     "pass" if g.get("passed") else "FAIL", ", ".join(how)])
+    for g in report.gates:
+        how = ["default" if g.default else "set"]
+        if g.against:
+            how.append(f"against {g.against}")
+        if g.interval is not None and len(g.interval) == 2:
+            how.append(f"interval [{_fmt(g.interval[0], 3)}, {_fmt(g.interval[1], 3)}]")
+        rows.append([g.name, g.model, _fmt(g.value, 5), _fmt(g.threshold, 5), "pass" if g.passed else "FAIL", ", ".join(how)])
     return header, rows
 
 
@@ -140,9 +138,8 @@ def aa_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    return ["stage", "status", "seconds"], [[str(s.get("name")), str(s.get("status")), _fmt(s.get("seconds"), 2)]
-                                            for s in report.get("stages") or []]
+def _stage_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    return ["stage", "status", "seconds"], [[s.name, s.status, _fmt(s.seconds, 2)] for s in report.stages]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -160,8 +157,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _prune_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    p = report["prune"]
+def _prune_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    p = report.prune or {}
     macs = [_fmt(p.get("macs_before")), _fmt(p.get("macs_after"))]
     return ["method", "ratio", "params before", "params after", "MACs before", "MACs after", "never pruned"], [
         [p["method"], _fmt(p["ratio"], 2), _fmt(p["params_before"]), _fmt(p["params_after"]), *macs, ", ".join(p["ignored"]) or "-"]
@@ -177,16 +174,16 @@ def sensitivity_rows(table: dict[str, dict[str, float]]) -> tuple[list[str], lis
     return [first, *(f"ratio {r}" for r in ratios)], rows
 
 
-def _distill_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    history = report["distill"]["history"]
-    metric = report["distill"]["metric"]
+def _distill_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    distill = report.distill or {}
+    history, metric = distill["history"], distill["metric"]
     rows = [[str(h["epoch"]), _fmt(h["loss"]), _fmt(h.get(metric))] for h in history]
     return ["epoch", "loss", f"validation {metric}"], rows
 
 
-def _localization_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _localization_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     rows = []
-    for model, where in (report.get("localization") or {}).items():
+    for model, where in (report.localization or {}).items():
         for label in ("first", "worst"):
             spot = where.get(label) if isinstance(where, dict) else None
             if isinstance(spot, dict):
@@ -195,16 +192,16 @@ def _localization_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str
     return ["model", "tensor", "name", "node", "op", "cosine"], rows
 
 
-def _attempt_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _attempt_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     rows = [[str(a.get("search", "")), str(a.get("model", a.get("variant", ""))), _fmt(a.get("cosine"), 5),
              _fmt(a.get("snr_db"), 2), _fmt(a.get("top1_agreement")), _fmt(a.get("accuracy_drop")),
              "-" if "meets_targets" not in a else ("yes" if a["meets_targets"] else "no")]
-            for a in report["quantization"].get("attempts") or [] if isinstance(a, dict) and "cosine" in a]
+            for a in (report.quantization or {}).get("attempts") or [] if isinstance(a, dict) and "cosine" in a]
     return ["search", "model", "cosine", "SNR dB", "top-1 agree", "accuracy drop", "meets targets"], rows
 
 
-def _budget_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    budget = report["prune"]["budget"]
+def _budget_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    budget = (report.prune or {})["budget"]
     rows = []
     for p in budget.get("points") or []:
         ci = p.get("speedup_ci") or [None, None]
@@ -214,14 +211,14 @@ def _budget_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["ratio", "MACs", "latency ms", "speedup vs original (ORT)", "cosine", "top-1 agree", "chosen"], rows
 
 
-def _float_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    q = report["quantization"]
+def _float_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    q = report.quantization or {}
     rows = [[str(k.get("node")), "always (kept_float)", str(k.get("why"))] for k in q.get("kept_float") or []]
     rows += [[str(n.get("node")), "search (float_nodes)", str(n.get("why"))] for n in q.get("float_nodes") or []]
     return ["node", "kept in float by", "why"], rows
 
 
-def _guarded(title: str, build: Any, report: dict[str, Any]) -> tuple[str, tuple[list[str], list[list[str]]]]:
+def _guarded(title: str, build: Any, report: Report) -> tuple[str, tuple[list[str], list[list[str]]]]:
     """A section, or a one-row note when its data is malformed: a report always renders."""
     try:
         return title, build(report)
@@ -230,33 +227,33 @@ def _guarded(title: str, build: Any, report: dict[str, Any]) -> tuple[str, tuple
         return title, (["note"], [[f"this section could not be rendered: {type(exc).__name__}: {exc}"]])
 
 
-def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
     sections = [_guarded("Models", summary_rows, report), _guarded("Gates", gate_rows, report),
                 _guarded("Stages", _stage_rows, report)]
-    if report.get("prune"):
+    if report.prune:
         sections.append(_guarded("Pruning", _prune_rows, report))
-        if _get(report, "prune", "budget"):
+        if report.prune.get("budget"):
             sections.append(_guarded("Latency budget: pruning ratio, measured latency and agreement before distillation",
                                      _budget_rows, report))
-        if _get(report, "prune", "sensitivity"):
+        if report.prune.get("sensitivity"):
             sections.append(_guarded("Layer sensitivity (score with only that layer pruned)",
-                                     lambda r: sensitivity_rows(r["prune"]["sensitivity"]), report))
-    if report.get("distill"):
+                                     lambda r: sensitivity_rows(r.prune["sensitivity"]), report))
+    if report.distill:
         sections.append(_guarded("Distillation", _distill_rows, report))
-    quantization = report.get("quantization")
-    if isinstance(quantization, dict) and quantization.get("attempts"):
+    quantization = report.quantization or {}
+    if quantization.get("attempts"):
         sections.append(_guarded("Quantization attempts (scored against fp32)", _attempt_rows, report))
-    if isinstance(quantization, dict) and (quantization.get("kept_float") or quantization.get("float_nodes")):
+    if quantization.get("kept_float") or quantization.get("float_nodes"):
         sections.append(_guarded("Nodes kept in float", _float_rows, report))
-    if any(isinstance(w, dict) and (w.get("first") or w.get("worst")) for w in (report.get("localization") or {}).values()):
+    if any(isinstance(w, dict) and (w.get("first") or w.get("worst")) for w in (report.localization or {}).values()):
         sections.append(_guarded("Where outputs diverge", _localization_rows, report))
     return sections
 
 
-def _latency_line(report: dict[str, Any]) -> str:
-    latency: dict[str, Any] = report["latency"] if isinstance(report.get("latency"), dict) else {}
-    threads = _get(report, "environment", "threads")
-    text = (f"Latency at batch {report.get('latency_batch', 1)} with {threads} thread(s): blocks of "
+def _latency_line(report: Report) -> str:
+    latency = report.latency or {}
+    threads = report.environment.get("threads")
+    text = (f"Latency at batch {report.latency_batch or 1} with {threads} thread(s): blocks of "
             f"{latency.get('block', '?')} calls per model, block order shuffled each round ({latency.get('rounds', '?')} rounds), "
             "ONNX Runtime spin-waiting off; a model's latency is the median of its block means. "
             "Speedup is the reference's latency over the model's (vs ORT fp32: over the original's plain ONNX Runtime "
@@ -269,9 +266,9 @@ def _latency_line(report: dict[str, Any]) -> str:
     return text
 
 
-def _environment_lines(report: dict[str, Any]) -> list[str]:
-    cpu = _get(report, "environment", "cpu") or {}
-    versions = _get(report, "environment", "versions") or {}
+def _environment_lines(report: Report) -> list[str]:
+    cpu = report.environment.get("cpu") or {}
+    versions = report.environment.get("versions") or {}
     isa = cpu.get("isa") or []
     return [
         f"CPU: {cpu.get('model')} ({cpu.get('machine')}, {cpu.get('cores')} cores; ISA: {', '.join(map(str, isa)) or 'none detected'})",
@@ -279,13 +276,13 @@ def _environment_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    verdict = "PASSED" if report.get("passed") else "FAILED"
-    parts = [f"# deploytool report: {report.get('name')}", f"**Verdict: {verdict}**", _latency_line(report)]
+def render_markdown(report: Report) -> str:
+    verdict = "PASSED" if report.passed else "FAILED"
+    parts = [f"# deploytool report: {report.name}", f"**Verdict: {verdict}**", _latency_line(report)]
     for title, (header, rows) in _sections(report):
         parts += [f"## {title}", _markdown_table(header, rows)]
-    if report.get("notes"):
-        parts += ["## Notes", "\n".join(f"- {n}" for n in report["notes"])]
+    if report.notes:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in report.notes)]
     env = _environment_lines(report)
     parts += ["## Environment", env[0] + "  ", env[1]]
     return "\n\n".join(parts) + "\n"
@@ -298,16 +295,17 @@ _CSS = (
 )
 
 
-def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
+def _plots(report: Report) -> list[tuple[str, str]]:
     from deploytool.plots import budget_plot, latency_plot, layer_error_plot, models_plot
 
-    wanted: list[tuple[str, Any]] = [("Size, quality and latency", lambda: models_plot(report)),
-                                     ("Latency", lambda: latency_plot(report.get("latency_samples_ms") or {}))]
-    budget = _get(report, "prune", "budget")
+    sizes = {name: model.size_bytes for name, model in report.models.items()}
+    wanted: list[tuple[str, Any]] = [("Size, quality and latency", lambda: models_plot(report.metrics, sizes)),
+                                     ("Latency", lambda: latency_plot(report.latency_samples_ms or {}))]
+    budget = (report.prune or {}).get("budget")
     if isinstance(budget, dict):
         wanted.append(("Latency budget: pruning ratio, measured speedup and agreement before distillation",
                        lambda: budget_plot(budget)))
-    for model, where in (report.get("localization") or {}).items():
+    for model, where in (report.localization or {}).items():
         if not isinstance(where, dict):
             continue
         title = f"Per-layer error of {model} (1 - cosine to the model it was made from, in graph order)"
@@ -325,35 +323,35 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     return plots
 
 
-def render_html(report: dict[str, Any]) -> str:
-    passed = bool(report.get("passed"))
-    name = html.escape(str(report.get("name")))
+def render_html(report: Report) -> str:
+    passed = report.passed
+    name = html.escape(report.name)
     body = [f"<h1>deploytool report: {name}</h1>"]
     body.append(f'<p class="verdict-{"pass" if passed else "fail"}"><strong>Verdict: {"PASSED" if passed else "FAILED"}</strong></p>')
     body.append(f"<p>{html.escape(_latency_line(report))}</p>")
     for title, (header, rows) in _sections(report):
         body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
-    for title, uri in _plots(report) if report.get("metrics") else []:
+    for title, uri in _plots(report) if report.metrics else []:
         body.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="{uri}">')
-    if report.get("notes"):
-        body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(str(n))}</li>" for n in report["notes"]), "</ul>"]
+    if report.notes:
+        body += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in report.notes), "</ul>"]
     body.append("<h2>Environment</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in _environment_lines(report)))
     head = f"<head><meta charset=\"utf-8\"><title>{name}</title><style>{_CSS}</style></head>"
     return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>\n"
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> None:
+def write_reports(report: dict[str, Any], out_dir: Path) -> Report:
     """report.json first and whole (NaN/Inf as null), then report.md and report.html; a renderer that fails
-    leaves a short page saying so instead of taking report.json or the run with it."""
-    from deploytool.report_schema import checked
-
-    report = checked(json_safe(report))
+    leaves a short page saying so instead of taking report.json or the run with it. The report as written, typed."""
+    report = json_safe(report)
+    typed = Report.model_validate(report)  # the stable keys checked before anything is written
     write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     for filename, render in (("report.md", render_markdown), ("report.html", render_html)):
         try:
-            text = render(report)
+            text = render(typed)
         except Exception as exc:
             log.exception("rendering %s failed", filename)
             message = f"the {filename} renderer failed ({type(exc).__name__}: {exc}); report.json holds every result"
             text = message + "\n" if filename.endswith(".md") else f"<!doctype html><p>{html.escape(message)}</p>\n"
         write_text(out_dir / filename, text)
+    return typed

@@ -26,7 +26,7 @@ from deploytool.compare import (
 )
 from deploytool.data import Dataset
 from deploytool.errors import UserError
-from deploytool.gates import ATOL_OF_RMS, SPEED_GATES, Gate, Kind, effective, is_quantized, judge
+from deploytool.gates import ATOL_OF_RMS, DEFAULT_MIN_COSINE, SPEED_GATES, Gate, Kind, effective, is_quantized, judge
 from deploytool.latency import Measurement, Ratio, Timer, TimingPlan
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import VerifyConfig
@@ -500,7 +500,7 @@ def verify_and_explain(
     if cfg.memory:
         for name, path in [*((c.name, c.path) for c in candidates), *extra]:
             result.metrics[name]["peak_memory_bytes"] = session_peak_bytes(path, feeds, cfg.threads)
-    threshold = cfg.gates.min_cosine or 0.99
+    threshold = cfg.gates.min_cosine or DEFAULT_MIN_COSINE
     localization: dict[str, dict[str, object]] = {}
     for name, base, path in localize_pairs:
         if always_localize or name in failed:

@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deploytool.report_schema import Report
 from deploytool.stages.report import json_safe, render_html, render_markdown, summary_rows, write_reports
 
 numbers = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5))
@@ -52,16 +53,18 @@ reports = st.fixed_dictionaries(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(report=reports)
 def test_any_report_renders_and_report_json_is_valid(report: dict[str, Any], tmp_path: Path) -> None:
-    assert "Verdict" in render_markdown(report)
-    assert render_html(report).startswith("<!doctype html>")
-    write_reports(report, tmp_path)
+    typed = Report.model_validate(json_safe(report))
+    assert "Verdict" in render_markdown(typed)
+    assert render_html(typed).startswith("<!doctype html>")
+    assert write_reports(report, tmp_path) == typed
     written = json.loads((tmp_path / "report.json").read_text())  # strict JSON: no NaN
     assert written["passed"] == report["passed"] and len(written["gates"]) == len(report["gates"])
     assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "report.md").stat().st_size > 0
 
 
 def test_nan_and_none_render_as_such() -> None:
-    report = {"metrics": {"int8": {"cosine_mean": math.nan, "accuracy": None, "speedup": math.inf}}, "models": {}}
+    report = Report(name="r", passed=False, gates=[], models={}, stages=[], environment={},
+                    metrics={"int8": {"cosine_mean": math.nan, "accuracy": None, "speedup": math.inf}})
     _, rows = summary_rows(report)
     assert rows[0][4] == "nan" and rows[0][2] == "-" and rows[0][8].startswith("inf")
 

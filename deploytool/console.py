@@ -1,0 +1,65 @@
+"""What the commands print: rich tables (140 columns wide when the output is not a terminal), notes, a run's report,
+a command's recipe for --dry-run, and the progress display."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from deploytool.errors import GateFailure
+
+if TYPE_CHECKING:
+    from deploytool.report_schema import Report
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    shown = Console(stderr=stderr, highlight=False)
+    if not shown.is_terminal:
+        shown.width = 140  # logs and CI output: do not squeeze tables into 80 columns
+    return shown
+
+
+def print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(*header, title=title)
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)
+
+
+def notes(lines: list[str], err: bool = False) -> None:
+    for line in lines:
+        click.echo(f"note: {line}", err=err)
+
+
+def exit_on_gates(report: Report) -> None:
+    """A GateFailure (exit 1) naming every gate that failed, if any did."""
+    failed = report.failed_gates
+    if failed:
+        detail = ", ".join(f"{g.name} on {g.model} (value {g.value}, threshold {g.threshold})" for g in failed)
+        raise GateFailure(f"{len(failed)} gate(s) failed: {detail}")
+
+
+def show_report(report: Report, title: str) -> None:
+    """The models, the gates and the notes of a report."""
+    from deploytool.stages.report import gate_rows, summary_rows
+
+    print_table(*summary_rows(report), title=title)
+    if report.gates:
+        print_table(*gate_rows(report), title="gates")
+    notes(report.notes)
+
+
+def print_recipe(text: str) -> None:
+    click.echo("# what this command runs, as recipe TOML")
+    click.echo(text, nl=False)
+
+
+def progress() -> Any:
+    from deploytool.progress import RichProgress
+
+    return RichProgress(console(stderr=True))
