@@ -132,6 +132,10 @@ def run_recipe(
     with ExitStack() as stack:
         stack.callback(folder.release)
         stack.callback(close_log)
+        # the run's log goes to run.log (and, with --debug, to stderr): not to handlers a library may give the root
+        # logger on the way (ONNX Runtime's quantization modules call logging.basicConfig), which would print it
+        stack.callback(setattr, root, "propagate", root.propagate)
+        root.propagate = False
         stack.enter_context(recording(folder.record))
         try:
             if junit is not None and inside(junit, out_dir) and (junit.exists() or junit.is_symlink()):

@@ -299,6 +299,33 @@ def test_export_command_refuses_a_malicious_checkpoint(cli: Cli, tmp_path: Path,
     assert not marker.exists() and not (tmp_path / "x.onnx").exists()
 
 
+def test_a_library_that_configures_root_logging_does_not_print_the_run_log(cli: Cli, tmp_path: Path, tiny: TinyModel,
+                                                                           restore_sys_path: None) -> None:
+    """Some libraries (ONNX Runtime's quantization modules) call logging.basicConfig on import: the run's own log
+    still goes to run.log only, not to the terminal."""
+    import logging
+
+    from conftest import TINY_CNN, write_module
+
+    path = write_module(tmp_path, "chatty", TINY_CNN + "\n\ndef chatty():\n    import logging\n\n"
+                        "    logging.basicConfig(level=logging.INFO, force=True)\n    return build()\n")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(tiny_recipe_text(tiny, **{tiny.factory: f"{path}:chatty"}))
+    before = list(logging.getLogger().handlers)
+    try:
+        result = cli("run", recipe, "--out", tmp_path / "run")
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+        root.handlers.extend(h for h in before if h not in root.handlers)
+        root.setLevel(logging.WARNING)
+    assert result.exit_code == 0, result.output
+    assert "stage quantize: start" not in result.output and "deploytool:" not in result.output
+    assert "stage quantize: start" in (tmp_path / "run" / "run.log").read_text()
+    assert logging.getLogger("deploytool").propagate
+
+
 def test_export_command_stage_failure_exits_3(cli: Cli, tmp_path: Path) -> None:
     from conftest import write_module
 
