@@ -586,8 +586,12 @@ class _Builder:
 
     def score(self, candidate: _Candidate, search: str, **details: object) -> dict[str, Any]:
         if candidate not in self.scores:
+            import time
+
+            started = time.perf_counter()
             self.scores[candidate] = self.judge.score(self.path(candidate))
-            self.record.attempts.append({"search": search, **details, "model": candidate.label(), **self.scores[candidate]})
+            self.record.attempts.append({"search": search, **details, "model": candidate.label(), **self.scores[candidate],
+                                         "seconds": round(time.perf_counter() - started, 2)})
         return self.scores[candidate]
 
     def best(self, candidates: list[_Candidate]) -> _Candidate:
@@ -623,11 +627,11 @@ def _improve(builder: _Builder, default: _Candidate) -> _Candidate:
         candidate = _Candidate(graph="equalized")
         builder.score(candidate, "equalization", pairs=len(pairs), channels_scaled=equalized.scaled_channels)
         candidates.append(candidate)
-    if correct:
-        for base in list(candidates):
-            candidate = replace(base, corrected=True)
-            builder.score(candidate, "bias correction")
-            candidates.append(candidate)
+    if correct:  # on the better of the two graphs (equalization first, then bias correction, as Quark applies them)
+        bases = [c for c in candidates if cfg.equalize != True or c.equalized or not pairs]  # noqa: E712
+        candidate = replace(builder.best(bases or candidates), corrected=True)
+        builder.score(candidate, "bias correction")
+        candidates.append(candidate)
     allowed = [c for c in candidates if (cfg.equalize != True or c.equalized or not pairs)  # noqa: E712
                and (cfg.bias_correction != True or c.corrected)]  # noqa: E712
     chosen = builder.best(allowed or candidates)
@@ -926,6 +930,14 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     excluded = set(quantizer.excluded([]))
     nodes = [n for n in _compute_nodes(builder.floats[current.graph].path, quantizer.op_types) if n[0] not in excluded
              and n[0] not in current.float_nodes]
+    # every compute node in float first: when even that misses the targets, no ranking can help. What is left in
+    # int8 then (residual adds, pooling) does no compute a float model could be slower than: floating it too gives
+    # back a float model with Q/DQ pairs, never one faster than fp32
+    everything = replace(current, float_nodes=current.float_nodes + tuple(n for n, _ in nodes))
+    if not builder.score(everything, "mixed precision", float_nodes=len(nodes))["meets_targets"]:
+        record.notes.append("mixed precision: even with every compute node in float the targets are not met "
+                            "(the error is not in what int8 can speed up): kept the int8 model")
+        return current
     data = quantizer.calibration if quantizer.calibration is not None else builder.judge.evaluation
     fixed = _fixed_batch(quantizer.source)
     with quiet(None):
@@ -947,25 +959,8 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
         candidate = replace(current, float_nodes=current.float_nodes + tuple(n for _, _, n, _ in ranked[:k]))
         return candidate, builder.score(candidate, "mixed precision", float_nodes=k)
 
-    low, high = 0, len(ranked)  # k = 0 is known to fail
-    best, score = attempt(high)
-    computed = len(ranked)
-    if not score["meets_targets"]:  # the error is not (only) in the compute nodes: rank the other quantized nodes too
-        others = [] if current.mode == "dynamic" else \
-            _other_quantized_nodes(builder.path(current), {n for n, _ in nodes} | set(current.float_nodes))
-        if others:
-            with quiet(None):
-                extra = local_errors(builder.models[current.graph], onnx.load(str(builder.path(current))), data,
-                                     fixed or 64, fixed is not None, builder.threads, op_types=tuple({op for _, op in others}))
-            errors.update(extra)
-            start = len(order)
-            ranked += sorted(((extra[n].noise if n in extra else 0.0, start + i, n, op) for i, (n, op) in enumerate(others)),
-                             key=lambda s: (-s[0], s[1]))
-            low, high = computed, len(ranked)
-            best, score = attempt(high)
-        if not score["meets_targets"]:
-            record.notes.append("mixed precision: even with every compute node in float the targets are not met")
-            return current
+    low, high = 0, len(ranked)  # k = 0 is known to fail, k = all to pass
+    best, computed = everything, len(ranked)
     while high - low > 1:
         mid = (low + high) // 2
         candidate, score = attempt(mid)
@@ -979,15 +974,6 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
         return current
     if 0 < high < computed and builder.judge.targets.min_speedup is not None and not _keeps_speed(builder, current, best, high):
         return current
-    if high > computed:  # float beyond the compute nodes: worth it only if the model stays faster than fp32
-        judge = builder.judge
-        speedup = judge.measure({"fp32": judge.fp32, "mixed": builder.path(best)}).speedup("fp32", "mixed")
-        record.attempts.append({"search": "mixed precision speed", "float_nodes": high, "speedup_vs_fp32": speedup.as_dict()})
-        if speedup.decide(1.0) is not True:
-            record.notes.append(f"mixed precision: the targets hold only with all {computed} compute nodes and "
-                                f"{high - computed} other nodes in float, and that model is not faster than fp32 here "
-                                f"({speedup}): kept the int8 model")
-            return current
     record.float_nodes = []
     for cost, _, name, op in ranked[:high]:
         error = errors.get(name)
@@ -997,21 +983,8 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
         record.float_nodes.append({"node": name, "op": op, "sensitivity": round(cost, 8), "why": why})
     final = builder.scores[best]
     drop = f", accuracy drop {final['accuracy_drop']:.4f}" if "accuracy_drop" in final else ""
-    kept = f"{high} of {computed} compute nodes" if high <= computed else \
-        f"all {computed} compute nodes and {high - computed} of {len(ranked) - computed} other quantized nodes"
-    record.notes.append(f"mixed precision: {kept} kept in float ({_summary(final)}{drop})")
+    record.notes.append(f"mixed precision: {high} of {computed} compute nodes kept in float ({_summary(final)}{drop})")
     return best
-
-
-def _other_quantized_nodes(path: Path, known: set[str]) -> list[tuple[str, str]]:
-    """(name, op type) of the nodes of a QDQ model, other than `known` ones, that read a dequantized tensor."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [(n.name, n.op_type) for n in model.graph.node
-            if n.name and n.name not in known and n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-            and any(i in dequantized for i in n.input)]
 
 
 def _speed_search(builder: _Builder, current: _Candidate, out: Path) -> None:
