@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from deploytool.compare import compare_arrays
+from deploytool.compare import compare_signal
 
 _FLOAT = 1
 _DQ = "_DequantizeLinear_Output"
@@ -126,7 +126,7 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
             cand_out = dict(zip(cand_runner.output_names, cand_runner.infer(feeds)))
             del cand_runner
             for name in group:
-                stats = compare_arrays(ref_out.pop(name), cand_out.pop(paired[name]))
+                stats = compare_signal(ref_out.pop(name), cand_out.pop(paired[name]))
                 if stats["shape_match"]:
                     rows.append(_row(name, *ref_tensors[name], stats))
             ref_out.clear()

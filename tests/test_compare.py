@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from deploytool.compare import accuracy, classification_metrics, compare_arrays
+from deploytool.compare import accuracy, classification_metrics, compare_arrays, compare_signal
 from deploytool.stages.report import json_safe
 
 
@@ -26,6 +26,18 @@ def test_identical_outputs() -> None:
     assert result["max_abs_error"] == 0.0 and result["mean_abs_error"] == 0.0
     assert result["snr_db"] == math.inf
     assert json_safe(result)["snr_db"] is None  # JSON has no Infinity: the report holds null
+
+
+@pytest.mark.parametrize("shape", [(20, 10), (4, 3, 8, 8), (0, 5)])
+def test_compare_signal_agrees_with_compare_arrays(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal(shape).astype(np.float32)
+    cand = ref + 0.05 * rng.standard_normal(shape).astype(np.float32)
+    full, cheap = compare_arrays(ref, cand), compare_signal(ref, cand)
+    assert set(cheap) == {"shape_match", "max_abs_error", "cosine_mean", "cosine_min", "snr_db"}
+    for key in cheap:
+        assert cheap[key] == full[key] or (cheap[key] != cheap[key] and full[key] != full[key]), key
+    assert compare_signal(ref, np.zeros(7, np.float32)) == {"shape_match": False}
 
 
 def test_small_noise_gives_finite_snr_and_cosine_below_one() -> None:
