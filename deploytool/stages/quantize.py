@@ -24,6 +24,7 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ CALIBRATION_BYTES = 512 * 2**20
 DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")
 # SmoothQuant migration strengths tried when the recipe sets none
 SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
+# rounds a search's timing runs before it may stop because its choice is settled (the plan's own rounds otherwise)
+EARLY_ROUNDS = 8
 
 
 @dataclass
@@ -475,15 +478,25 @@ class _Judge:
         """Latency (ms, median of block means) of each model at batch 1, by the shared block method."""
         return {name: timed.center_ms for name, timed in self.measure(paths, runs).timed.items()}
 
-    def measure(self, paths: dict[str, Path], runs: int = 60, control: bool = False) -> Any:
+    def measure(self, paths: dict[str, Path], runs: int = 60, control: bool = False,
+                decided: Callable[[Any], bool] | None = None) -> Any:
         """The shared block method (deploytool.latency) over `paths`, at batch 1 (or the fixed batch); `control`: with
-        the A/A control (an extra session of the first model), whose distance from 1.0 is the noise of the measurement."""
-        from deploytool.latency import TimingPlan, measure
+        the A/A control (an extra session of the first model), whose distance from 1.0 is the noise of the measurement.
+        `decided`: what the measurement is for; timing then stops once it holds (after EARLY_ROUNDS rounds, checked
+        every second round), and never runs longer than without it."""
+        from deploytool.latency import Timer, TimingPlan
         from deploytool.runners import OrtRunner
 
         feeds = next(self.evaluation.batches(self.fixed or 1, pad=self.fixed is not None))
         runners = [OrtRunner(name, path, self.threads) for name, path in paths.items()]
-        return measure(runners, feeds, TimingPlan.for_calls(runs, block=10, warmup=5), control=control)
+        plan = TimingPlan.for_calls(runs, block=10, warmup=5)
+        timer = Timer(runners, feeds, plan, control=control)
+        if decided is None:
+            return timer.run()
+        measurement = timer.run(rounds=min(EARLY_ROUNDS, plan.rounds))
+        while timer.rounds < plan.rounds and not timer.exhausted and not decided(measurement):
+            measurement = timer.run(rounds=min(2, plan.rounds - timer.rounds))
+        return measurement
 
 
 def _compute_nodes(path: Path, op_types: list[str] | None) -> list[tuple[str, str]]:
@@ -737,7 +750,8 @@ def _static_or_dynamic(builder: _Builder, current: _Candidate) -> _Candidate:
     score = builder.score(dynamic, f"dynamic {kernels}")
     static_score = builder.scores[current]
     if score["meets_targets"] and static_score["meets_targets"]:
-        timing = judge.measure({"static": builder.path(current), "dynamic": builder.path(dynamic)})
+        timing = judge.measure({"static": builder.path(current), "dynamic": builder.path(dynamic)},
+                               decided=lambda m: m.speedup("static", "dynamic").decide(1.0) is not None)
         speedup = timing.speedup("static", "dynamic")
         record.attempts.append({"search": "static or dynamic speed", "dynamic_vs_static": speedup.as_dict()})
         faster = speedup.decide(1.0)  # True: dynamic faster on the interval; False: slower; None: not resolved
@@ -876,13 +890,21 @@ def _db(value: float | None) -> str:
     return "n/a" if value is None else ("inf dB" if math.isinf(value) else f"{value:.1f} dB")
 
 
+def _settled(candidate: bool | None, fallback: bool | None) -> bool:
+    """Whether "drop the candidate when it is decided below the bar and the fallback is not" is final: the candidate
+    clears the bar, or it misses it and the fallback is decided either way."""
+    return candidate is True or (candidate is False and fallback is not None)
+
+
 def _check_layer_speed(builder: _Builder, uniform: _Candidate, chosen: _Candidate) -> _Candidate:
     """Time fp32, the uniform 7-bit model and the chosen one by the shared block method; an int8 model decided
     slower than fp32 where the uniform one is not is not kept."""
     if not chosen.wide or chosen == uniform:
         return chosen
     judge = builder.judge
-    measurement = judge.measure({"fp32": judge.fp32, "7-bit weights": builder.path(uniform), "chosen": builder.path(chosen)})
+    measurement = judge.measure({"fp32": judge.fp32, "7-bit weights": builder.path(uniform), "chosen": builder.path(chosen)},
+                                decided=lambda m: _settled(m.speedup("fp32", "chosen").decide(1.0),
+                                                           m.speedup("fp32", "7-bit weights").decide(1.0)))
     mixed, flat = measurement.speedup("fp32", "chosen"), measurement.speedup("fp32", "7-bit weights")
     builder.record.attempts.append({"search": "layer weights speed", "model": chosen.label(),
                                     "speedup_vs_fp32": mixed.as_dict(), "uniform_speedup_vs_fp32": flat.as_dict()})
@@ -900,8 +922,13 @@ def _keeps_speed(builder: _Builder, current: _Candidate, mixed: _Candidate, kept
     judge, record = builder.judge, builder.record
     gate = judge.targets.min_speedup
     assert gate is not None
+
+    def clear(timing: Any) -> bool:  # the choice below no longer depends on more rounds
+        margin = timing.noise or 0.0
+        return _settled(timing.speedup("fp32", "mixed").decide(gate + margin), timing.speedup("fp32", "int8").decide(gate + margin))
+
     timing = judge.measure({"fp32": judge.fp32, "int8": builder.path(current), "mixed": builder.path(mixed)}, runs=150,
-                           control=True)
+                           control=True, decided=clear)
     int8, mixed_speed = timing.speedup("fp32", "int8"), timing.speedup("fp32", "mixed")
     margin = timing.noise or 0.0
     record.attempts.append({"search": "mixed precision speed", "float_nodes": kept, "speedup_vs_fp32": mixed_speed.as_dict(),

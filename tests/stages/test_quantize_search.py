@@ -215,7 +215,7 @@ def test_mixed_precision_is_not_kept_when_it_loses_the_speed_gate_the_int8_model
 
     ratios = {"int8": Ratio(*int8), "mixed": Ratio(*mixed)}
     timing = SimpleNamespace(speedup=lambda baseline, name: ratios[name], noise=0.04)
-    judge = SimpleNamespace(targets=Targets(min_speedup=1.0), fp32=Path("fp32.onnx"), measure=lambda paths, runs, control: timing)
+    judge = SimpleNamespace(targets=Targets(min_speedup=1.0), fp32=Path("fp32.onnx"), measure=lambda paths, runs, control, decided: timing)
     record = QuantizeRecord("static", {})
     current, candidate = object(), object()
     builder = SimpleNamespace(judge=judge, record=record, path=lambda c: Path(f"{id(c)}.onnx"),
@@ -223,3 +223,21 @@ def test_mixed_precision_is_not_kept_when_it_loses_the_speed_gate_the_int8_model
     assert _keeps_speed(builder, current, candidate, 36) is kept  # type: ignore[arg-type]
     assert record.attempts[-1]["search"] == "mixed precision speed" and record.attempts[-1]["float_nodes"] == 36
     assert any("kept the int8 model" in n for n in record.notes) is not kept
+
+
+def test_a_search_timing_stops_once_its_choice_is_settled(digits_run: tuple[Any, Path], val: Any) -> None:
+    """The searches' timings stop once more rounds cannot change what they decide, never later than their plan."""
+    from deploytool.latency import TimingPlan
+    from deploytool.stages.quantize import EARLY_ROUNDS, Targets, _Judge, _settled
+
+    _, out = digits_run
+    judge = _Judge(out / "model.onnx", val.head(8), Targets(), 1)
+    paths = {"fp32": out / "model.onnx", "int8": out / "model.int8.onnx"}
+    planned = TimingPlan.for_calls(150).rounds
+    assert EARLY_ROUNDS < planned
+    settled = judge.measure(paths, runs=150, decided=lambda m: True)
+    assert settled.rounds == EARLY_ROUNDS
+    unsettled = judge.measure(paths, runs=150, decided=lambda m: False)
+    assert unsettled.rounds == planned == judge.measure(paths, runs=150).rounds
+    assert _settled(True, None) and _settled(False, True) and _settled(False, False)
+    assert not _settled(None, True) and not _settled(False, None)
