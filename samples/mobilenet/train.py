@@ -4,8 +4,16 @@
 
 It trains on samples/digits/train.npz, degraded afresh every epoch as data.py describes (upscaled
 to 32x32, rotated, scaled, shifted, uneven contrast, heavy noise), with the classic recipe for
-small image classifiers: SGD with Nesterov momentum, weight decay 5e-4, a one-cycle schedule.
-Seeded and deterministic on the CPU (about 2 minutes on two cores).
+small image classifiers: SGD with Nesterov momentum, weight decay 1e-4, a one-cycle schedule.
+Seeded and deterministic on the CPU (about 4 minutes on two cores).
+
+The peak learning rate is high (0.8), as in the large-batch schedules ImageNet MobileNets are
+trained with, and it leaves what they are known for: a few channels die (their ReLU6 is never
+positive), the depthwise convolution after them sees a constant, and its BatchNorm (running
+variance near zero) folds into weights a thousand times larger than the channel next to them.
+Per-tensor int8 weights, ONNX Runtime's default, then round every other channel of that layer
+to zero: quantize_static with its defaults agrees with the fp32 model on about 10% of the
+answers. At lr 0.1 no channel dies, and every int8 method looks good on this network.
 """
 
 from __future__ import annotations
@@ -60,11 +68,11 @@ def train(images: np.ndarray, labels: np.ndarray, epochs: int, log: bool = True,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "mobilenet.pt")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=0.8)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
     args = parser.parse_args()
     val = load("val")
     model = train(*digits("train"), epochs=args.epochs, val=val, optimizer_name=args.optimizer, lr=args.lr,

@@ -280,6 +280,33 @@ def test_top1_agreement_is_a_label_free_target_on_all_the_samples(mobilenet: tup
     assert record.settings["quantizations"] <= 2 + math.ceil(math.log2(nodes))
 
 
+def test_the_edge_cnn_sample_keeps_the_answers_onnxruntime_defaults_lose(mobilenet: tuple[Path, Dataset, Dataset],
+                                                                         tmp_path: Path) -> None:
+    """The MobileNet sample has dead channels whose BatchNorm folds into weights ~1000x their neighbours': ONNX
+    Runtime's quantize_static defaults (per-tensor weights) lose most answers; the defaults here keep them, on all
+    450 validation samples, with the gates' own targets."""
+    from onnxruntime.quantization import quantize_static
+
+    from deploytool.compare import compare_arrays
+    from deploytool.data import CalibrationReader
+    from deploytool.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
+    from samples.mobilenet.data import load
+
+    fp32, _, _ = mobilenet
+    images, labels = load("calib")
+    calibration = Dataset({"image": images}, labels)
+    validation = Dataset({"image": load("val")[0]}, None)
+    quantize_static(str(fp32), str(tmp_path / "ort.onnx"), CalibrationReader(calibration, 16))
+    assert agreement_and_snr(fp32, tmp_path / "ort.onnx", validation)[0] < 0.5
+    targets = Targets(min_top1_agreement=DEFAULT_MIN_TOP1_AGREEMENT)
+    record = quantize_onnx(fp32, tmp_path / "q.onnx", QuantizeConfig(), calibration, 16, validation, targets)
+    assert "the int8 model misses" not in " ".join(record.notes)
+    agreement, snr = agreement_and_snr(fp32, tmp_path / "q.onnx", validation)
+    assert agreement >= DEFAULT_MIN_TOP1_AGREEMENT and snr >= targets.min_snr_db  # type: ignore[operator]
+    want, got = (infer_dataset(OrtRunner(p.stem, p), validation, 64)[0] for p in (fp32, tmp_path / "q.onnx"))
+    assert compare_arrays(want, got)["cosine_min"] >= DEFAULT_MIN_COSINE  # type: ignore[operator]
+
+
 def test_scoring_on_fewer_samples_than_the_gates_tightens_the_targets() -> None:
     full = Targets(min_top1_agreement=0.99, max_accuracy_drop=0.01)
     assert full.with_margin(450, 450) == full
