@@ -282,7 +282,7 @@ def test_top1_agreement_is_a_label_free_target_on_all_the_samples(mobilenet: tup
 
 def test_the_edge_cnn_sample_keeps_the_answers_onnxruntime_defaults_lose(mobilenet: tuple[Path, Dataset, Dataset],
                                                                          tmp_path: Path) -> None:
-    """The MobileNet sample has dead channels whose BatchNorm folds into weights ~1000x their neighbours': ONNX
+    """The MobileNet sample has dead channels whose BatchNorm folds into weights ~1000x the others' range: ONNX
     Runtime's quantize_static defaults (per-tensor weights) lose most answers; the defaults here keep them, on all
     450 validation samples, with the gates' own targets."""
     from onnxruntime.quantization import quantize_static
@@ -304,7 +304,7 @@ def test_the_edge_cnn_sample_keeps_the_answers_onnxruntime_defaults_lose(mobilen
     agreement, snr = agreement_and_snr(fp32, tmp_path / "q.onnx", validation)
     assert agreement >= DEFAULT_MIN_TOP1_AGREEMENT and snr >= targets.min_snr_db  # type: ignore[operator]
     want, got = (infer_dataset(OrtRunner(p.stem, p), validation, 64)[0] for p in (fp32, tmp_path / "q.onnx"))
-    assert compare_arrays(want, got)["cosine_min"] >= DEFAULT_MIN_COSINE  # type: ignore[operator]
+    assert compare_arrays(want, got)["cosine_mean"] >= DEFAULT_MIN_COSINE  # type: ignore[operator]  # what the gate reads
 
 
 def test_scoring_on_fewer_samples_than_the_gates_tightens_the_targets() -> None:
