@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,12 +21,22 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
         "reference_shape": list(reference.shape),
         "candidate_shape": list(candidate.shape),
     }
+    return _compared(reference, candidate, result, _statistics)
+
+
+Statistics = Callable[[np.ndarray, np.ndarray, dict[str, float | bool | list[int] | None]],
+                      dict[str, float | bool | list[int] | None]]
+
+
+def _compared(reference: np.ndarray, candidate: np.ndarray, result: dict[str, float | bool | list[int] | None],
+              statistics: Statistics) -> dict[str, float | bool | list[int] | None]:
+    """`statistics` of the two arrays flattened per sample, into `result`; nothing more where their shapes differ."""
     if reference.shape != candidate.shape:
         return result
-    # NaN/Inf in a candidate is an expected outcome (counted below, failing outputs_valid), not a warning
+    # NaN/Inf in a candidate is an expected outcome (counted, failing outputs_valid), not a warning
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _statistics(_per_sample(reference), _per_sample(candidate), result)
+        return statistics(_per_sample(reference), _per_sample(candidate), result)
 
 
 def _statistics(
@@ -72,15 +83,14 @@ def _cosine_and_snr(ref: np.ndarray, cand: np.ndarray, result: dict[str, float |
 def compare_signal(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | bool | list[int] | None]:
     """The cheap part of compare_arrays (shape check, max abs error, cosine, SNR) with the same values: for the
     hundreds of intermediate tensors localisation compares, where medians and percentiles would cost the most."""
-    result: dict[str, float | bool | list[int] | None] = {"shape_match": reference.shape == candidate.shape}
-    if reference.shape != candidate.shape:
-        return result
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ref, cand = _per_sample(reference), _per_sample(candidate)
-        diff = np.abs(ref - cand)
-        result["max_abs_error"] = float(np.nanmax(diff)) if diff.size else 0.0
-        _cosine_and_snr(ref, cand, result)
+    return _compared(reference, candidate, {"shape_match": reference.shape == candidate.shape}, _signal)
+
+
+def _signal(ref: np.ndarray, cand: np.ndarray,
+            result: dict[str, float | bool | list[int] | None]) -> dict[str, float | bool | list[int] | None]:
+    diff = np.abs(ref - cand)
+    result["max_abs_error"] = float(np.nanmax(diff)) if diff.size else 0.0
+    _cosine_and_snr(ref, cand, result)
     return result
 
 
