@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 SIZE_ATTRIBUTES = (
     "in_channels", "out_channels", "in_features", "out_features", "num_features", "groups",
     "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "hidden_size", "normalized_shape", "num_channels",
-    "num_attention_heads", "all_head_size", "n_heads",
+    "num_attention_heads", "all_head_size", "n_heads", "n_head", "heads",
 )
 METADATA_KEY = "deploytool.layer_sizes"
 

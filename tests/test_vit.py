@@ -25,3 +25,16 @@ def test_vit_recipe_keeps_sensitive_nodes_in_float_and_passes(tmp_path: Path) ->
     assert int8["cosine_mean"] >= 0.999
     assert report["metrics"]["reference"]["accuracy"] - int8["accuracy"] <= 0.01
     assert any("compute nodes kept in float" in note for note in report["notes"])
+
+
+def test_the_vit_sample_loses_whole_heads_from_its_fused_qkv_in_a_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "vit-pruned"
+    result = invoke("run", ROOT / "recipes" / "digits-vit-pruned.toml", "--out", out, "--set", "distill.epochs=2",
+                    "--set", "verify.runs=5", "--set", "verify.memory=false", "--set", "verify.gates.min_speedup_vs_fp32=0.01",
+                    "--set", "verify.gates.min_speedup=0.01", "--set", "verify.gates.max_accuracy_drop=0.05")
+    assert result.exit_code == 0, result.output
+    assert "Unwrapped parameters" not in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "attention heads kept per layer: 3/6, 3/6, 3/6, 3/6 (whole heads removed; the residual width 192 is kept)" \
+        in report["prune"]["notes"]
+    assert report["prune"]["macs_after"] < 0.55 * report["prune"]["macs_before"]

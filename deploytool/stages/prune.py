@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -163,9 +164,133 @@ def residual_width_layers(model: torch.nn.Module, attention: Sequence[AttentionL
         width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
         if width in widths and id(module) not in projections:
             chosen.append(name)
-    # a fused qkv projection is left whole: Torch-Pruning cannot remove heads from it
+    # Torch-Pruning leaves a fused qkv projection whole; its heads are removed by remove_fused_heads
     chosen += [".".join(filter(None, [n, "qkv" if hasattr(modules[n], "qkv") else "in_proj"])) for n in fused]
     return chosen
+
+
+@dataclass
+class FusedAttention:
+    """An attention module with one fused q/k/v projection (timm and many hand-written ViTs): `qkv` (or `in_proj`)
+    maps the residual width to [q | k | v], each `heads` blocks of head_dim, and one output projection reads the
+    heads back. Its heads are removed by deploytool itself, then checked against the unpruned model."""
+
+    name: str
+    module: Any
+    qkv_attribute: str
+    out_attribute: str
+    heads_attribute: str
+
+    @property
+    def heads(self) -> int:
+        return int(getattr(self.module, self.heads_attribute))
+
+    @property
+    def qkv_name(self) -> str:
+        return f"{self.name}.{self.qkv_attribute}" if self.name else self.qkv_attribute
+
+
+def fused_attention(model: torch.nn.Module) -> tuple[list[FusedAttention], dict[str, str]]:
+    """(fused-qkv attention layers whose heads can be removed, {name: why not} for the other fused ones)."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    found: list[FusedAttention] = []
+    refused: dict[str, str] = {}
+    for name in attention_layers(model)[1]:
+        module = modules[name]
+        heads_attribute = next(a for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(module, a, None), int))
+        qkv_attribute = "qkv" if isinstance(getattr(module, "qkv", None), nn.Linear) else "in_proj"
+        qkv, heads = getattr(module, qkv_attribute), int(getattr(module, heads_attribute))
+        width = qkv.out_features // 3
+        if qkv.out_features % 3 or heads < 2 or width % heads:
+            refused[name] = f"{qkv.out_features} qkv outputs are not 3 x {heads} heads of equal size"
+            continue
+        outs = [n for n, c in module.named_children()
+                if isinstance(c, nn.Linear) and c is not qkv and c.in_features == width]
+        if len(outs) != 1:
+            refused[name] = f"no single output projection reading its {width} attention outputs"
+            continue
+        found.append(FusedAttention(name, module, qkv_attribute, outs[0], heads_attribute))
+    return found, refused
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def remove_fused_heads(model: torch.nn.Module, ratios: dict[str, float], p: int, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """Remove whole heads (the lowest L`p` norm of their q, k, v rows and output-projection columns) from the fused-qkv
+    attention layers named in `ratios` ({layer name: fraction of heads}), in place; at least one head is kept.
+
+    The layout [q | k | v] x heads x head_dim is what the weights cannot show, so each layer is checked: the pruned
+    model must compute what the unpruned one does with the removed heads' values set to zero. A layer that fails the
+    check (another layout, or a forward() that derives sizes from the residual width) is restored whole; the returned
+    notes say which and why."""
+    import math
+
+    import torch
+    from torch import nn
+
+    notes: list[str] = []
+    layers, refused = fused_attention(model)
+    notes += [f"attention layer {n} keeps every head: {why}" for n, why in refused.items() if ratios.get(n, 0) > 0]
+    for layer in layers:
+        removed = min(math.ceil(ratios.get(layer.name, 0.0) * layer.heads - 1e-9), layer.heads - 1)
+        if removed <= 0:
+            continue
+        qkv, out = getattr(layer.module, layer.qkv_attribute), getattr(layer.module, layer.out_attribute)
+        heads, width = layer.heads, qkv.out_features // 3
+        size = width // heads
+        with torch.no_grad():
+            rows = qkv.weight.reshape(3, heads, size, -1).transpose(0, 1).reshape(heads, -1)
+            columns = out.weight.reshape(out.out_features, heads, size).transpose(0, 1).reshape(heads, -1)
+            score = torch.cat([rows, columns], 1).norm(p=p, dim=1)
+            keep = torch.sort(torch.argsort(score, descending=True)[: heads - removed]).values
+            row_index = (torch.arange(3)[:, None, None] * width + keep[None, :, None] * size
+                         + torch.arange(size)[None, None, :]).reshape(-1)
+            column_index = (keep[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+            # what the pruned layer must compute: the unpruned one with the removed heads' values zeroed
+            zeroed = copy.deepcopy(qkv)
+            gone = torch.ones(heads, dtype=torch.bool)
+            gone[keep] = False
+            value_rows = (2 * width + torch.nonzero(gone)[:, 0, None] * size + torch.arange(size)[None, :]).reshape(-1)
+            zeroed.weight[value_rows] = 0
+            if zeroed.bias is not None:
+                zeroed.bias[value_rows] = 0
+            setattr(layer.module, layer.qkv_attribute, zeroed)
+            expected = _tensors(model(*example))
+            new_qkv = nn.Linear(qkv.in_features, len(row_index), bias=qkv.bias is not None)
+            new_qkv.weight.copy_(qkv.weight[row_index])
+            if qkv.bias is not None:
+                new_qkv.bias.copy_(qkv.bias[row_index])
+            new_out = nn.Linear(len(column_index), out.out_features, bias=out.bias is not None)
+            new_out.weight.copy_(out.weight[:, column_index])
+            if out.bias is not None:
+                new_out.bias.copy_(out.bias)
+            setattr(layer.module, layer.qkv_attribute, new_qkv)
+            setattr(layer.module, layer.out_attribute, new_out)
+            setattr(layer.module, layer.heads_attribute, heads - removed)
+            try:
+                got = _tensors(model(*example))
+                why = "" if len(got) == len(expected) and all(
+                    g.shape == e.shape and torch.allclose(g, e, rtol=1e-3, atol=1e-4 * (1.0 + float(e.abs().max())))
+                    for g, e in zip(got, expected)) else "the model without those heads does not compute what the " \
+                    "unpruned one does with their values zeroed (its qkv layout is not [q | k | v] x heads x head_dim)"
+            except Exception as exc:
+                why = f"its forward() fails without them ({type(exc).__name__}: {first_line(exc)[:120]}); " \
+                      "compute the head size from tensor shapes (reshape(..., heads, -1)) to let heads be removed"
+        if why:
+            setattr(layer.module, layer.qkv_attribute, qkv)
+            setattr(layer.module, layer.out_attribute, out)
+            setattr(layer.module, layer.heads_attribute, heads)
+            notes.append(f"attention layer {layer.name} keeps every head: {why}")
+    return notes
 
 
 def _resolve_ignored(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -251,21 +376,31 @@ def channel_prune(
     cfg: PruneConfig,
     data: Dataset,
     ratio_by_layer: dict[str, float] | None = None,
+    notes: list[str] | None = None,
 ) -> torch.nn.Module:
-    """Remove channels from a copy of `model` with Torch-Pruning; returns the pruned copy."""
+    """Remove channels from a copy of `model` with Torch-Pruning (and whole heads from fused-qkv attention layers,
+    remove_fused_heads); returns the pruned copy. What could not be pruned as asked is added to `notes`."""
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
     example = _example(specs, data)
+    heads_ratio = cfg.ratio if cfg.heads_ratio is None else cfg.heads_ratio
+    user_ignored = set(output_heads(pruned, example)) | set(_resolve_ignored(pruned, cfg.ignore))
+    fused_ratios = {}
+    for fused_layer in fused_attention(pruned)[0]:
+        if not {fused_layer.name, fused_layer.qkv_name} & user_ignored:
+            fused_ratios[fused_layer.name] = (heads_ratio if ratio_by_layer is None
+                                              else ratio_by_layer.get(fused_layer.qkv_name, 0.0))
+    found_notes = remove_fused_heads(pruned, fused_ratios, 1 if cfg.importance == "l1" else 2, example)
+    if notes is not None:
+        notes.extend(found_notes)
     attention, fused = attention_layers(pruned)
-    ignored_names = sorted(set(output_heads(pruned, example)) | set(_resolve_ignored(pruned, cfg.ignore))
-                           | set(residual_width_layers(pruned, attention, fused)))
+    ignored_names = sorted(user_ignored | set(residual_width_layers(pruned, attention, fused)))
     modules = dict(pruned.named_modules())
     kwargs: dict[str, Any] = {}
     # an attention layer (or one of its projections) that is ignored keeps its heads; so does a single-head one
     attention = [a for a in attention
                  if a.heads > 1 and a.name not in ignored_names and not set(a.projection_names()) & set(ignored_names)]
-    heads_ratio = cfg.ratio if cfg.heads_ratio is None else cfg.heads_ratio
     head_ratios: dict[Any, float] = {}
     for layer in attention:
         names = layer.projection_names()
@@ -278,20 +413,24 @@ def channel_prune(
     if attention:
         kwargs.update(num_heads={p: a.heads for a in attention for p in a.projections}, prune_num_heads=True,
                       prune_head_dims=False, head_pruning_ratio_dict=head_ratios)
-    if ratio_by_layer is not None:
-        kwargs["pruning_ratio_dict"] = {modules[n]: r for n, r in ratio_by_layer.items()}
+    if ratio_by_layer is not None:  # a fused qkv projection's heads were removed above; Torch-Pruning leaves it whole
+        kwargs["pruning_ratio_dict"] = {modules[n]: r for n, r in ratio_by_layer.items() if n not in ignored_names}
     try:
-        pruner = tp.pruner.MetaPruner(
-            pruned,
-            example,
-            importance=_importance(cfg.importance),
-            pruning_ratio=cfg.ratio if ratio_by_layer is None else 0.0,
-            iterative_steps=cfg.iterative_steps,
-            ignored_layers=[modules[n] for n in ignored_names],
-            round_to=cfg.round_to,
-            global_pruning=cfg.global_pruning,
-            **kwargs,
-        )
+        with warnings.catch_warnings():
+            # parameters outside any layer (position embeddings, layer scales) are pruned along their last axis, as
+            # Torch-Pruning warns on every call; check_forward below catches a wrong guess
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
+            pruner = tp.pruner.MetaPruner(
+                pruned,
+                example,
+                importance=_importance(cfg.importance),
+                pruning_ratio=cfg.ratio if ratio_by_layer is None else 0.0,
+                iterative_steps=cfg.iterative_steps,
+                ignored_layers=[modules[n] for n in ignored_names],
+                round_to=cfg.round_to,
+                global_pruning=cfg.global_pruning,
+                **kwargs,
+            )
         for _ in range(cfg.iterative_steps):
             if cfg.importance == "taylor":
                 _taylor_gradients(pruned, specs, data, model)
@@ -381,8 +520,10 @@ def sensitivity_scan(
     example = _example(specs, data)
     attention, fused = attention_layers(model)
     # the residual stream keeps its width; an attention layer's heads are scanned once, under its first projection
-    skip = (set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
-            | set(residual_width_layers(model, attention, fused)) | {n for a in attention for n in a.projection_names()[1:]})
+    # a fused qkv projection stands for its layer's heads
+    user_ignored = set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
+    skip = (user_ignored | set(residual_width_layers(model, attention, fused)) - {a.qkv_name for a in fused_attention(model)[0]}
+            | {n for a in attention for n in a.projection_names()[1:]})
     layers = [n for n in _prunable(model) if n not in skip]
     reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], None), data, 256)
     baseline = _score(model, specs, data, reference, task)
@@ -443,7 +584,7 @@ def prune_model(
                          f"faster than the original's ONNX Runtime export ({chosen['latency_ms']:.3f} vs "
                          f"{chosen['original_ms']:.3f} ms; needs {search.needed_speedup:.2f}x)")
     if cfg.method == "channel":
-        pruned = channel_prune(model, specs, cfg, data)
+        pruned = channel_prune(model, specs, cfg, data, notes=notes)
         notes.extend(_attention_notes(model, pruned))
     else:
         pruned, sparsity = magnitude_prune(model, cfg) if cfg.method == "magnitude" else nm_prune(model, cfg)
@@ -459,15 +600,13 @@ def prune_model(
 
 
 def _attention_notes(model: torch.nn.Module, pruned: torch.nn.Module) -> list[str]:
-    """What pruning did to the attention layers: heads kept per layer, and which layers kept every head."""
-    before, fused = attention_layers(model)
-    after = {a.name: a.heads for a in attention_layers(pruned)[0]}
-    notes = []
-    if before:
-        counts = ", ".join(f"{after.get(a.name, a.heads)}/{a.heads}" for a in before)
-        notes.append(f"attention heads kept per layer: {counts} (whole heads removed; the residual width "
-                     f"{before[0].projections[0].in_features} is kept)")
-    if fused:
-        notes.append(f"{len(fused)} attention layer(s) with one fused qkv projection keep every head "
-                     f"({', '.join(fused[:3])}{' ...' if len(fused) > 3 else ''}); their feed-forward layers are pruned")
-    return notes
+    """What pruning did to the attention layers: heads kept per layer (separate or fused q/k/v projections)."""
+    separate, fused = attention_layers(model)[0], fused_attention(model)[0]
+    if not separate and not fused:
+        return []
+    after = {a.name: a.heads for a in attention_layers(pruned)[0]} | {a.name: a.heads for a in fused_attention(pruned)[0]}
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers = sorted([(a.name, a.heads) for a in separate] + [(a.name, a.heads) for a in fused], key=lambda n: order[n[0]])
+    width = separate[0].projections[0].in_features if separate else getattr(fused[0].module, fused[0].qkv_attribute).in_features
+    kept = ", ".join(f"{after.get(name, heads)}/{heads}" for name, heads in layers)
+    return [f"attention heads kept per layer: {kept} (whole heads removed; the residual width {width} is kept)"]

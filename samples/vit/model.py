@@ -18,11 +18,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        # sizes come from the tensors, not from the residual width, so whole heads can be pruned away
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        weights = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
-        out = (weights.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        out = (weights.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
         return self.proj(out)
 
 

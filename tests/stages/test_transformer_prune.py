@@ -72,13 +72,33 @@ class Fused(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
+class FusedWidth(Fused):
+    """Head size taken from the residual width: a forward() that cannot run with fewer heads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, dim = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, dim))
+
+
+class FusedHeadsFirst(Fused):
+    """A [heads x (q | k | v)] layout: removing the rows of [q | k | v] x heads would mix heads up."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, self.heads, 3, -1).permute(3, 0, 2, 1, 4)
+        out = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
 class FusedNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, attention: type = Fused) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(4, 32)
         self.norm = nn.LayerNorm(32)
-        self.attn = Fused()
+        self.attn = attention()
         self.mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
         self.head = nn.Linear(32, 3)
 
@@ -102,6 +122,14 @@ def distil():
 
 def fused():
     return FusedNet()
+
+
+def fused_width():
+    return FusedNet(FusedWidth)
+
+
+def fused_heads_first():
+    return FusedNet(FusedHeadsFirst)
 '''
 
 
@@ -214,24 +242,81 @@ def test_heads_ratio_zero_keeps_every_head_and_prunes_the_feed_forward(models: P
     assert pruned.bert.encoder.layer[0].attention.self.key.out_features == 64
 
 
-def test_a_fused_qkv_projection_keeps_its_heads_and_the_rest_is_pruned(models: Path) -> None:
-    import torch
-
+def _tokens() -> tuple[list[Any], Any]:
     from deploytool.data import Dataset
-    from deploytool.recipe import InputSpec, PruneConfig
-    from deploytool.stages.load import load_model
-    from deploytool.stages.prune import attention_layers, prune_model
+    from deploytool.recipe import InputSpec
 
     specs = [InputSpec(name="tokens", shape=["batch", 8, 4], dtype="float32")]
-    data = Dataset({"tokens": np.random.default_rng(2).random((16, 8, 4), dtype=np.float32)})
+    return specs, Dataset({"tokens": np.random.default_rng(2).random((16, 8, 4), dtype=np.float32)})
+
+
+def test_a_fused_qkv_projection_loses_whole_heads_and_reloads(models: Path, tmp_path: Path) -> None:
+    import torch
+
+    from deploytool.checkpoint import save_model
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import attention_layers, fused_attention, prune_model
+
+    specs, data = _tokens()
     model = load_model(f"{models}:fused", None, models.parent)
-    assert attention_layers(model) == ([], ["attn"])
-    pruned, record = prune_model(model, specs, PruneConfig(ratio=0.5), data, "classification")
-    assert any("fused qkv projection keep every head (attn)" in n for n in record.notes)
-    assert pruned.attn.qkv.out_features == 96 and pruned.embed.out_features == 32
-    assert pruned.mlp[0].out_features == 64
+    assert attention_layers(model) == ([], ["attn"]) and [a.heads for a in fused_attention(model)[0]] == [4]
+    pruned, record = prune_model(model, specs, PruneConfig(ratio=0.5, sensitivity=True), data, "classification")
+    assert "attention heads kept per layer: 2/4 (whole heads removed; the residual width 32 is kept)" in record.notes
+    assert record.sensitivity is not None and "attn.qkv" in record.sensitivity  # the scan removes its heads too
+    assert pruned.attn.heads == 2 and pruned.attn.qkv.out_features == 48 and pruned.attn.proj.in_features == 16
+    assert pruned.embed.out_features == 32 and pruned.mlp[0].out_features == 64
+    feeds = torch.from_numpy(data.feeds["tokens"][:4])
+    path = tmp_path / "fused.safetensors"
+    save_model(pruned, path)
     with torch.no_grad():
-        assert pruned(torch.from_numpy(data.feeds["tokens"][:2])).shape == (2, 3)
+        assert torch.equal(load_model(f"{models}:fused", path, models.parent)(feeds), pruned(feeds))
+
+
+@pytest.mark.parametrize(("factory", "why"), [
+    ("fused_width", "its forward() fails without them"),
+    ("fused_heads_first", "does not compute what the unpruned one does"),
+])
+def test_a_fused_layer_that_cannot_lose_heads_keeps_them_all_and_says_why(models: Path, factory: str, why: str) -> None:
+    import torch
+
+    from deploytool.recipe import PruneConfig
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import prune_model
+
+    specs, data = _tokens()
+    model = load_model(f"{models}:{factory}", None, models.parent)
+    pruned, record = prune_model(model, specs, PruneConfig(ratio=0.5), data, "classification")
+    assert any(n.startswith("attention layer attn keeps every head: ") and why in n for n in record.notes), record.notes
+    assert pruned.attn.heads == 4 and pruned.attn.qkv.out_features == 96 and pruned.mlp[0].out_features == 64
+    feeds = torch.from_numpy(data.feeds["tokens"][:4])
+    with torch.no_grad():
+        assert pruned(feeds).shape == (4, 3)
+
+
+def test_removing_fused_heads_matches_zeroing_their_values(models: Path) -> None:
+    """The check remove_fused_heads relies on, done by hand: the pruned model equals the original with the
+    removed heads' value rows zeroed."""
+    import copy
+
+    import torch
+
+    from deploytool.stages.load import load_model
+    from deploytool.stages.prune import remove_fused_heads
+
+    specs, data = _tokens()
+    model = load_model(f"{models}:fused", None, models.parent)
+    feeds = (torch.from_numpy(data.feeds["tokens"][:4]),)
+    pruned = copy.deepcopy(model)
+    assert remove_fused_heads(pruned, {"attn": 0.5}, 2, feeds) == []
+    rows = model.attn.qkv.weight.reshape(3, 4, 8, 32)
+    kept = [h for h in range(4) if any(torch.equal(pruned.attn.qkv.weight[8 * i:8 * i + 8], rows[0, h]) for i in range(2))]
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for head in sorted(set(range(4)) - set(kept)):
+            zeroed.attn.qkv.weight[64 + 8 * head:64 + 8 * head + 8] = 0
+            zeroed.attn.qkv.bias[64 + 8 * head:64 + 8 * head + 8] = 0
+        assert len(kept) == 2 and torch.allclose(pruned(*feeds), zeroed(*feeds), atol=1e-6)
 
 
 def test_hidden_state_distillation_matches_the_teachers_layer_norms(models: Path) -> None:
