@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import logging
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,14 +83,15 @@ def output_heads(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> l
     import torch
 
     layers = _prunable(model)
-    produced: dict[int, str] = {}
+    # by id, with a weak reference: a freed intermediate's id can be reused by a model output
+    produced: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
     order: list[str] = []
     hooks = []
     for name, module in layers.items():
         def hook(mod: Any, args: Any, out: Any, name: str = name) -> None:
             order.append(name)
             if isinstance(out, torch.Tensor):
-                produced[id(out)] = name
+                produced[id(out)] = (name, weakref.ref(out))
         hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -98,7 +100,7 @@ def output_heads(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> l
         for h in hooks:
             h.remove()
     outputs = result if isinstance(result, (tuple, list)) else list(result.values()) if isinstance(result, dict) else [result]
-    heads = {produced[id(o)] for o in outputs if id(o) in produced}
+    heads = {produced[id(o)][0] for o in outputs if id(o) in produced and produced[id(o)][1]() is o}
     if order:
         heads.add(order[-1])
     return sorted(heads)
@@ -609,4 +611,6 @@ def _attention_notes(model: torch.nn.Module, pruned: torch.nn.Module) -> list[st
     layers = sorted([(a.name, a.heads) for a in separate] + [(a.name, a.heads) for a in fused], key=lambda n: order[n[0]])
     width = separate[0].projections[0].in_features if separate else getattr(fused[0].module, fused[0].qkv_attribute).in_features
     kept = ", ".join(f"{after.get(name, heads)}/{heads}" for name, heads in layers)
+    if all(after.get(name, heads) == heads for name, heads in layers):
+        return [f"attention heads kept per layer: {kept} (none removed)"]
     return [f"attention heads kept per layer: {kept} (whole heads removed; the residual width {width} is kept)"]

@@ -341,3 +341,29 @@ def test_the_bert_sample_prunes_heads_in_a_recipe() -> None:
 
     recipe = load_recipe(ROOT / "recipes" / "digits-bert-pruned.toml")
     assert recipe.prune is not None and recipe.prune.method == "channel" and recipe.distill is not None
+
+
+def test_output_layers_are_found_by_identity_not_by_a_reused_id() -> None:
+    """A freed intermediate's id can come back as a model output's: Hugging Face MgpStr had its first attention's
+    qkv or feed-forward layer taken for an output layer (and left unpruned) in some runs."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from deploytool.stages.prune import output_heads
+
+    torch.manual_seed(0)
+    config = transformers.MgpstrConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=[32, 128],
+                                       patch_size=4, max_token_length=8)
+    encoder = transformers.MgpstrModel(config).eval()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = encoder
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=image)[0]
+
+    image = torch.from_numpy(np.random.default_rng(0).random((2, 3, 32, 128), dtype=np.float32))
+    found = {tuple(output_heads(Wrapped().eval(), (image,))) for _ in range(8)}
+    assert found == {("m.encoder.blocks.1.mlp.fc2",)}
