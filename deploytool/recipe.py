@@ -131,6 +131,9 @@ class PruneConfig(Strict):
     target_latency_ms: float | None = Field(None, gt=0, allow_inf_nan=False,
                                             description="channel: search the ratio for this ONNX Runtime latency (ms)")
     max_ratio: float = Field(0.9, gt=0, lt=1, description="the largest ratio the latency-budget search tries")
+    allocation: Literal["measured", "uniform"] = Field(
+        "measured", description="latency budget: one ratio for every layer, or per-layer ratios from each layer's measured "
+        "ONNX Runtime time and its sensitivity")
 
     @model_validator(mode="after")
     def _budget(self) -> PruneConfig:

@@ -513,20 +513,24 @@ def _score(model: torch.nn.Module, specs: Sequence[InputSpec], data: Dataset, re
     return float(compare_arrays(reference[0], outputs[0])["cosine_mean"])  # type: ignore[arg-type]
 
 
+def scan_layers(model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset) -> list[str]:
+    """The layers a scan prunes one at a time: not the output layers, the ignored ones or the residual stream; an
+    attention layer's heads under its first projection (its fused qkv projection when it has one)."""
+    example = _example(specs, data)
+    attention, fused = attention_layers(model)
+    user_ignored = set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
+    skip = (user_ignored | set(residual_width_layers(model, attention, fused)) - {a.qkv_name for a in fused_attention(model)[0]}
+            | {n for a in attention for n in a.projection_names()[1:]})
+    return [n for n in _prunable(model) if n not in skip]
+
+
 def sensitivity_scan(
     model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset, task: str, progress: Any = None
 ) -> dict[str, dict[str, float]]:
     """Score after pruning each layer alone at each ratio: {layer: {ratio: score}}, plus the unpruned baseline."""
     from deploytool.runners import TorchRunner, infer_dataset
 
-    example = _example(specs, data)
-    attention, fused = attention_layers(model)
-    # the residual stream keeps its width; an attention layer's heads are scanned once, under its first projection
-    # a fused qkv projection stands for its layer's heads
-    user_ignored = set(output_heads(model, example)) | set(_resolve_ignored(model, cfg.ignore))
-    skip = (user_ignored | set(residual_width_layers(model, attention, fused)) - {a.qkv_name for a in fused_attention(model)[0]}
-            | {n for a in attention for n in a.projection_names()[1:]})
-    layers = [n for n in _prunable(model) if n not in skip]
+    layers = scan_layers(model, specs, cfg, data)
     reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], None), data, 256)
     baseline = _score(model, specs, data, reference, task)
     table: dict[str, dict[str, float]] = {"<none>": {"0": baseline}}
@@ -570,6 +574,7 @@ def prune_model(
     notes: list[str] = []
     sparsity = None
     budget = None
+    by_layer: dict[str, float] | None = None
     if cfg.target_speedup is not None or cfg.target_latency_ms is not None:
         from deploytool.stages.budget import search_ratio
 
@@ -577,16 +582,23 @@ def prune_model(
         search = search_ratio(model, specs, context.outputs, cfg, data, task, context.export, context.batch, context.threads,
                               progress)
         cfg = cfg.model_copy(update={"ratio": search.chosen_ratio})
+        by_layer = search.chosen_ratios
         budget = search.as_dict()
         notes.extend(search.notes)
         chosen = next(p for p in search.points if p.get("chosen"))
-        if search.met:
+        if search.met and by_layer:
+            notes.append(f"latency budget: per-layer ratios ({len(by_layer)} layers, {search.chosen_ratio:.0%} of the channels "
+                         f"removed) are the least pruning of {len(search.points)} measured that makes the model "
+                         f"{chosen['speedup']:.2f}x [{chosen['speedup_ci'][0]:.2f}, {chosen['speedup_ci'][1]:.2f}] faster than the "
+                         f"original's ONNX Runtime export ({chosen['latency_ms']:.3f} vs {chosen['original_ms']:.3f} ms; "
+                         f"needs {search.needed_speedup:.2f}x)")
+        elif search.met:
             notes.append(f"latency budget: ratio {search.chosen_ratio:g} is the smallest of {len(search.points)} measured that "
                          f"makes the model {chosen['speedup']:.2f}x [{chosen['speedup_ci'][0]:.2f}, {chosen['speedup_ci'][1]:.2f}] "
                          f"faster than the original's ONNX Runtime export ({chosen['latency_ms']:.3f} vs "
                          f"{chosen['original_ms']:.3f} ms; needs {search.needed_speedup:.2f}x)")
     if cfg.method == "channel":
-        pruned = channel_prune(model, specs, cfg, data, notes=notes)
+        pruned = channel_prune(model, specs, cfg, data, ratio_by_layer=by_layer, notes=notes)
         notes.extend(_attention_notes(model, pruned))
     else:
         pruned, sparsity = magnitude_prune(model, cfg) if cfg.method == "magnitude" else nm_prune(model, cfg)

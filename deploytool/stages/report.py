@@ -211,6 +211,15 @@ def _budget_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return ["ratio", "MACs", "latency ms", "speedup vs original (ORT)", "cosine", "top-1 agree", "chosen"], rows
 
 
+def _layer_time_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    budget = (report.prune or {})["budget"]
+    chosen = budget.get("chosen_ratios") or {}
+    spent = budget.get("layer_ms") or {}
+    total = sum(float(v) for v in spent.values()) or 1.0
+    rows = [[name, _fmt(ms, 4), f"{float(ms) / total:.1%}", _fmt(chosen.get(name, 0.0), 2)] for name, ms in spent.items()]
+    return ["layer", "ms per call (original, ORT profile)", "share", "ratio chosen"], rows
+
+
 def _float_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     q = report.quantization or {}
     rows = [[str(k.get("node")), "always (kept_float)", str(k.get("why"))] for k in q.get("kept_float") or []]
@@ -235,6 +244,9 @@ def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]
         if report.prune.get("budget"):
             sections.append(_guarded("Latency budget: pruning ratio, measured latency and agreement before distillation",
                                      _budget_rows, report))
+        if (report.prune.get("budget") or {}).get("layer_ms"):
+            sections.append(_guarded("Latency budget: each layer's ONNX Runtime time and the ratio chosen for it",
+                                     _layer_time_rows, report))
         if report.prune.get("sensitivity"):
             sections.append(_guarded("Layer sensitivity (score with only that layer pruned)",
                                      lambda r: sensitivity_rows(r.prune["sensitivity"]), report))

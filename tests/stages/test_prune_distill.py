@@ -225,7 +225,8 @@ def test_nm_pruning_keeps_n_of_every_m_weights(nets: Path, specs: Any, calib: An
     assert any("not faster" in note for note in record.notes)
 
 
-def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path) -> None:
+@pytest.mark.parametrize("allocation", ["uniform", "measured"])
+def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path, allocation: str) -> None:
     """[prune] target_speedup: the ratio is searched by timing each pruned export against the original's in ONNX
     Runtime; every measured point is recorded (the trade-off curve of the report), the chosen ratio is the smallest
     measured one that meets the budget (or, when none does, the ratio with the fewest MACs, with a note)."""
@@ -234,10 +235,12 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path)
     out = tmp_path / "run"
     result = invoke("run", ROOT / "recipes" / "digits-cnn-pruned.toml", "--out", out, "--set", "prune.target_speedup=1.5",
                     "--set", "distill.epochs=1", "--set", "verify.runs=5", "--set", "verify.memory=false",
-                    "--set", "verify.default_gates=false", "--set", "export.exporter=torchscript")
+                    "--set", "verify.default_gates=false", "--set", "export.exporter=torchscript",
+                    "--set", f"prune.allocation={allocation}")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     budget = report["prune"]["budget"]
+    assert budget["allocation"] == allocation and ("chosen_ratios" in budget) == (allocation == "measured")
     points = budget["points"]
     ratios = [p["ratio"] for p in points]
     assert ratios == sorted(ratios) and len(points) >= 2
@@ -250,11 +253,13 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path)
     assert len({(p["macs"], p["latency_ms"]) for p in points}) == len(points)  # one row per distinct network
     if budget["met"]:  # the smallest measured ratio that meets it; every smaller measured one missed
         assert chosen["speedup"] >= budget["needed_speedup"]
-        assert any(n.startswith("latency budget: ratio") for n in report["notes"])
+        assert any(n.startswith(("latency budget: ratio", "latency budget: per-layer ratios")) for n in report["notes"])
     else:
         assert chosen["ratio"] == budget["max_effective_ratio"]
         assert any(n.startswith("latency budget not reached") for n in report["notes"])
-    assert "Latency budget: pruning ratio" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "Latency budget: pruning ratio" in markdown
+    assert ("each layer's ONNX Runtime time and the ratio chosen for it" in markdown) == (allocation == "measured")
     html = (out / "report.html").read_text()
     assert "Latency budget: pruning ratio, measured speedup" in html  # the trade-off curve drawn as a plot
     recommended = report["recommended"]  # the fastest of the run's models that passes its gates

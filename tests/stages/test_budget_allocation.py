@@ -1,0 +1,114 @@
+"""Per-layer pruning ratios for a latency budget: where ONNX Runtime spends its time, per layer (its own profiler,
+traced back to the PyTorch layers), and the trade-off of time saved against accuracy lost that picks the ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import DIGITS, ROOT
+
+
+def _digits_cnn() -> Any:
+    from deploytool.stages.load import load_model
+
+    return load_model(f"{DIGITS / 'model.py'}:build", DIGITS / "cnn.pt", ROOT)
+
+
+def test_onnx_runtime_time_is_placed_on_the_pytorch_layers(tmp_path: Path, specs: list[Any], calib: Any) -> None:
+    from deploytool.recipe import ExportConfig
+    from deploytool.stages.budget import layer_latency
+    from deploytool.stages.export import export_onnx
+    from deploytool.stages.prune import _prunable
+
+    model = _digits_cnn()
+    weights = {n: m.weight.detach().numpy() for n, m in _prunable(model).items()}
+    layers = list(weights)
+    for exporter in ("dynamo", "torchscript"):
+        path = tmp_path / f"{exporter}.onnx"
+        export_onnx(model, specs, ["logits"], ExportConfig(exporter=exporter), calib.head(2), path)
+        spent, share = layer_latency(path, next(calib.head(1).batches(1)), weights, threads=1, calls=20)
+        # dynamo keeps the parameter names (renaming only transposed Linear weights, found by value); TorchScript
+        # folds BatchNorm into renamed weights, and its node names carry the module path ("/block/conv1/conv1.0/Conv")
+        assert set(spent) == set(layers) and all(ms > 0 for ms in spent.values()), (exporter, spent)
+        assert 0.8 <= share <= 1.0, (exporter, share)
+
+
+def test_allocations_walk_from_the_cheapest_trade_to_the_most_time_saved() -> None:
+    from deploytool.stages.budget import allocations
+
+    options = {  # (ratio, ms saved, loss) of pruning each layer alone
+        "a": [(0.25, 1.0, 0.01), (0.5, 2.0, 0.04), (0.75, 2.5, 0.30)],  # slow and robust
+        "b": [(0.25, 0.2, 0.05), (0.5, 0.4, 0.20), (0.75, 0.5, 0.60)],  # fast and sensitive
+        "c": [(0.25, 0.0, 0.00), (0.5, 0.0, 0.01), (0.75, float("nan"), 0.1)],  # saves nothing measurable
+    }
+    found = allocations(options)
+    assert found[0] == {"a": 0.25}  # 100 ms per unit of loss: the best trade comes first
+    assert found[-1] == {"a": 0.75, "b": 0.75}  # at no price on accuracy: every layer's most time saved
+    assert all("c" not in a for a in found)  # a layer that saves no time is never pruned, whatever it costs
+    saved = [sum(dict((r, s) for r, s, _ in options[k])[v] for k, v in a.items()) for a in found]
+    assert saved == sorted(saved) and len(set(map(str, found))) == len(found)  # more time saved at every step
+    for earlier, later in zip(found, found[1:]):
+        assert all(later.get(k, 0) >= v for k, v in earlier.items())  # no layer's ratio goes back down
+
+
+def test_a_measured_allocation_prunes_layers_by_their_time_and_sensitivity(specs: list[Any], calib: Any) -> None:
+    from deploytool.recipe import ExportConfig, PruneConfig
+    from deploytool.stages.prune import LatencyContext, _prunable, prune_model
+
+    model = _digits_cnn()
+    cfg = PruneConfig(target_speedup=1.3, allocation="measured", scan_ratios=[0.5], round_to=None)
+    pruned, record = prune_model(model, specs, cfg, calib, "classification",
+                                 latency=LatencyContext(["logits"], ExportConfig(), 1, 1))
+    budget = record.budget
+    assert budget is not None and budget["allocation"] == "measured"
+    assert budget["profiled_share"] >= 0.8 and set(budget["layer_ms"]) <= set(_prunable(model))
+    assert all("layers_pruned" in p for p in budget["points"]) and [p for p in budget["points"] if p.get("chosen")]
+    if budget["met"]:
+        by_layer = budget["chosen_ratios"]
+        assert by_layer and set(by_layer) <= set(_prunable(model)) and set(by_layer.values()) <= {0.5, 0.9}
+        assert any(n.startswith("latency budget: per-layer ratios") for n in record.notes)
+        before, after = _prunable(model), _prunable(pruned)
+        for name, ratio in by_layer.items():  # the chosen layers lost that share of their output channels
+            assert after[name].weight.shape[0] == pytest.approx(before[name].weight.shape[0] * (1 - ratio), abs=1)
+    assert record.ratio == budget["chosen_ratio"]
+    assert np.isfinite(budget["chosen_ratio"])
+
+
+def test_a_transformers_renamed_linear_weights_are_found_by_value(tmp_path: Path) -> None:
+    """The dynamo exporter stores a Linear's weight transposed under a new name ("val_28"): the profile is still
+    placed on the attention and feed-forward layers of a transformer we did not write."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from deploytool.data import Dataset
+    from deploytool.recipe import ExportConfig, InputSpec
+    from deploytool.stages.budget import layer_latency
+    from deploytool.stages.export import export_onnx
+    from deploytool.stages.prune import _prunable
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=48, num_hidden_layers=2,
+                       num_attention_heads=3, intermediate_size=96, num_labels=5)
+    vit = ViTForImageClassification(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.vit(pixel_values=image).logits
+
+    model = Logits().eval()
+    specs = [InputSpec(name="image", shape=["batch", 1, 16, 16], dtype="float32")]
+    data = Dataset({"image": np.random.default_rng(0).random((4, 1, 16, 16), dtype=np.float32)})
+    path = tmp_path / "vit.onnx"
+    export_onnx(model, specs, ["logits"], ExportConfig(exporter="dynamo"), data.head(2), path)
+    weights = {n: m.weight.detach().numpy() for n, m in _prunable(model).items()}
+    spent, share = layer_latency(path, next(data.head(1).batches(1)), weights, threads=1, calls=20)
+    assert share >= 0.6, share
+    assert len(spent) >= len(weights) - 1, sorted(set(weights) - set(spent))  # every Linear, the patch-embedding Conv
