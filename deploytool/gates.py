@@ -37,10 +37,10 @@ QUANTIZED_OPS = frozenset({
     "QAttention", "MatMulNBits", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearConcat",
 })
 
-SPEED_GATES = ("min_speedup", "min_speedup_vs_fp32")
+SPEED_GATES = ("min_speedup", "min_speedup_vs_fp32", "min_speedup_vs_ort_fp32")
 HIGHER_IS_BETTER = {
     "max_accuracy_drop": False, "min_top1_agreement": True, "min_cosine": True, "min_snr_db": True,
-    "min_speedup": True, "min_speedup_vs_fp32": True, "max_size_ratio": False, "within_tolerance": True,
+    "min_speedup": True, "min_speedup_vs_fp32": True, "min_speedup_vs_ort_fp32": True, "max_size_ratio": False, "within_tolerance": True,
     "outputs_valid": True,
 }
 

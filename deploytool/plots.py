@@ -114,7 +114,7 @@ def budget_plot(budget: dict[str, Any]) -> str | None:
     if chosen:
         ax.plot([float(chosen[0]["ratio"])], [float(chosen[0]["speedup"])], marker="*", markersize=14, color="C3",
                 linestyle="none", label="chosen")
-    ax.set_xlabel("pruning ratio")
+    ax.set_xlabel("share of channels removed (per-layer ratios)" if budget.get("allocation") == "measured" else "pruning ratio")
     ax.set_ylabel("speedup (x)")
     key = "top1_agreement" if any(isinstance(p.get("top1_agreement"), (int, float)) for p in points) else "cosine"
     quality = [(float(p["ratio"]), float(p[key])) for p in points

@@ -250,6 +250,9 @@ class GatesConfig(Strict):
     max_size_ratio: float | None = Field(None, gt=0, allow_inf_nan=False, description="candidate file size / reference checkpoint size")
     min_speedup_vs_fp32: float | None = Field(None, gt=0, allow_inf_nan=False,
                                               description="int8 only: fp32 ONNX p50 latency / int8 p50 latency")
+    min_speedup_vs_ort_fp32: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="p50 latency of the original's plain ONNX Runtime fp32 export / "
+        "candidate p50 latency; default: [prune] target_speedup when a latency budget is set")
     min_snr_db: float | None = Field(None, allow_inf_nan=False,
                                      description="signal-to-noise ratio of the outputs in dB: catches scaled outputs that cosine misses")
     atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="element-wise: every element within atol or rtol * |reference|")
@@ -300,6 +303,9 @@ class Recipe(Strict):
         if self.model.onnx is not None and (self.prune is not None or self.distill is not None):
             raise ValueError(f"[{'prune' if self.prune else 'distill'}] changes a PyTorch model; [model] onnx starts from an "
                              "ONNX file (use factory and checkpoint to prune or distill)")
+        budget = self.prune.target_speedup if self.prune is not None else None
+        if budget is not None and self.verify is not None and self.verify.gates.min_speedup_vs_ort_fp32 is None:
+            self.verify.gates.min_speedup_vs_ort_fp32 = budget  # the budget is a promise the verdict checks
         cfg = self.quantize
         if cfg is None:
             return self

@@ -224,12 +224,12 @@ def _measured_allocations(model: torch.nn.Module, specs: Sequence[InputSpec], cf
     weights = {n: m.weight.detach().cpu().numpy() for n, m in _prunable(model).items()}
     layer_ms, share = layer_latency(original, feeds, weights, threads)
     search.profiled_share = round(share, 4)
-    search.layer_ms = {n: round(v, 4) for n, v in sorted(layer_ms.items(), key=lambda kv: -kv[1])}
     if share < 0.5:
         search.allocation = "uniform"
         search.notes.append(f"per-layer allocation not used: only {share:.0%} of ONNX Runtime's node time could be placed "
                             "on the model's layers (weights renamed by the exporter); one ratio for every layer")
         return []
+    search.layer_ms = {n: round(v, 4) for n, v in sorted(layer_ms.items(), key=lambda kv: -kv[1])}
     probe = data.head(min(len(data), 128))
     names = [s.name for s in specs]
     reference = infer_dataset(TorchRunner("m", model, names, None), probe, 128)
@@ -248,7 +248,12 @@ def _measured_allocations(model: torch.nn.Module, specs: Sequence[InputSpec], cf
             outputs = infer_dataset(TorchRunner("m", pruned, names, None), probe, 128)
             loss = 1.0 - float(compare_signal(reference[0], outputs[0])["cosine_mean"])  # type: ignore[arg-type]
             options[layer].append((ratio, saved, max(loss, 0.0)))
-    return allocations(options)
+    found = allocations(options)
+    if not found:
+        search.allocation, search.layer_ms = "uniform", None
+        search.notes.append("per-layer allocation not used: pruning no single layer saves measured time; one ratio for "
+                            "every layer")
+    return found
 
 
 def search_ratio(

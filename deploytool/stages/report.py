@@ -208,7 +208,8 @@ def _budget_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         rows.append([_fmt(p.get("ratio"), 4), str(p.get("macs", "-")), _fmt(p.get("latency_ms"), 4),
                      f"{_fmt(p.get('speedup'), 2)}x [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]", _fmt(p.get("cosine"), 5),
                      _fmt(p.get("top1_agreement")), "yes" if p.get("chosen") else ""])
-    return ["ratio", "MACs", "latency ms", "speedup vs original (ORT)", "cosine", "top-1 agree", "chosen"], rows
+    ratio = "channels removed" if budget.get("allocation") == "measured" else "ratio"
+    return [ratio, "MACs", "latency ms", "speedup vs original (ORT)", "cosine", "top-1 agree", "chosen"], rows
 
 
 def _layer_time_rows(report: Report) -> tuple[list[str], list[list[str]]]:

@@ -273,8 +273,12 @@ def _quality_gates(candidate: Candidate, gates: Mapping[str, float], added: set[
     return result
 
 
-def _speed_checks(candidate: Candidate, gates: Mapping[str, float], added: set[str], reference: str) -> list[_SpeedCheck]:
+def _speed_checks(candidate: Candidate, gates: Mapping[str, float], added: set[str], reference: str,
+                  ort_baseline: str | None) -> list[_SpeedCheck]:
     checks = []
+    if "min_speedup_vs_ort_fp32" in gates and ort_baseline is not None and ort_baseline != candidate.name:
+        checks.append(_SpeedCheck("min_speedup_vs_ort_fp32", candidate.name, ort_baseline, gates["min_speedup_vs_ort_fp32"],
+                                  "min_speedup_vs_ort_fp32" in added))
     if "min_speedup" in gates:
         checks.append(_SpeedCheck("min_speedup", candidate.name, reference, gates["min_speedup"], "min_speedup" in added))
     if "min_speedup_vs_fp32" in gates and candidate.base is not None:
@@ -393,7 +397,7 @@ def verify_models(
                 keep = ("cosine_mean", "cosine_min", "snr_db", "max_abs_error", "top1_agreement")
                 result.metrics[c.name][f"vs_{c.base}"] = {k: against.get(k) for k in keep if k in against}
         timer, latency_batch = time_models(runners, dataset, cfg, progress, result.notes)
-        checks = [s for c in chosen for s in _speed_checks(c, *plans[c.name], reference.name)]
+        checks = [s for c in chosen for s in _speed_checks(c, *plans[c.name], reference.name, ort_baseline)]
         speed = decide_speed(checks, timer, result.notes)
         _throughput(runners, dataset, cfg, result)
     measurement = timer.measurement() if timer else None
@@ -408,6 +412,9 @@ def verify_models(
     for c in chosen:
         result.gates.extend(_quality_gates(c, *plans[c.name], result.metrics, reference.name))
         result.gates.extend(g for g in speed if g.model == c.name)
+    if "min_speedup_vs_ort_fp32" in user and (ort_baseline is None or all(c.name == ort_baseline for c in chosen)):
+        result.notes.append("gate min_speedup_vs_ort_fp32 not evaluated: the original's plain ONNX Runtime fp32 export was "
+                            "not timed next to another model")
     if "min_speedup_vs_fp32" in user and not any(c.base for c in chosen):
         result.notes.append("gate min_speedup_vs_fp32 not evaluated: no quantized model made from a float one was verified")
     return result

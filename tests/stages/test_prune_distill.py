@@ -236,7 +236,7 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path,
     result = invoke("run", ROOT / "recipes" / "digits-cnn-pruned.toml", "--out", out, "--set", "prune.target_speedup=1.5",
                     "--set", "distill.epochs=1", "--set", "verify.runs=5", "--set", "verify.memory=false",
                     "--set", "verify.default_gates=false", "--set", "export.exporter=torchscript",
-                    "--set", f"prune.allocation={allocation}")
+                    "--set", f"prune.allocation={allocation}", "--set", "verify.gates.min_speedup_vs_ort_fp32=0.01")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     budget = report["prune"]["budget"]
@@ -262,10 +262,31 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path,
     assert ("each layer's ONNX Runtime time and the ratio chosen for it" in markdown) == (allocation == "measured")
     html = (out / "report.html").read_text()
     assert "Latency budget: pruning ratio, measured speedup" in html  # the trade-off curve drawn as a plot
+    budget_gates = [g for g in report["gates"] if g["name"] == "min_speedup_vs_ort_fp32"]
+    assert {g["model"] for g in budget_gates} == {"fp32", "int8"} and all(g["against"] == "unpruned_fp32" for g in budget_gates)
     recommended = report["recommended"]  # the fastest of the run's models that passes its gates
     assert recommended["model"] in ("fp32", "int8") and (out / recommended["file"]).exists()
     assert all(g["passed"] for g in report["gates"] if g["model"] == recommended["model"])
     assert any(n.startswith("recommended artifact: ") for n in report["notes"])
+
+
+def test_a_latency_budget_becomes_a_gate_on_every_model_of_the_run(tmp_path: Path) -> None:
+    from deploytool.commands import verify_config
+    from deploytool.recipe import load_recipe
+
+    path = tmp_path / "budget.toml"
+    text = (ROOT / "recipes" / "digits-cnn-pruned.toml").read_text(encoding="utf-8")
+    text = text.replace('method = "channel"', 'method = "channel"\ntarget_speedup = 2.5')
+    path.write_text(text.replace('"../samples', f'"{ROOT}/samples'), encoding="utf-8")
+    assert load_recipe(path).verify.gates.min_speedup_vs_ort_fp32 == 2.5  # the budget, unless the gates set it
+    set_gate = path.read_text(encoding="utf-8").replace("[verify.gates]", "[verify.gates]\nmin_speedup_vs_ort_fp32 = 1.2")
+    path.write_text(set_gate, encoding="utf-8")
+    assert load_recipe(path).verify.gates.min_speedup_vs_ort_fp32 == 1.2
+    # `deploytool verify` against the recipe times no original export: the run-only gate is left out, with a note
+    candidate = tmp_path / "m.onnx"
+    candidate.write_bytes(b"")
+    cfg, run_only = verify_config(path, (candidate,), ())
+    assert cfg.gates.min_speedup_vs_ort_fp32 is None and run_only == ["min_speedup_vs_ort_fp32"]
 
 
 def test_a_latency_budget_needs_channel_pruning() -> None:
