@@ -211,6 +211,8 @@ def test_the_hf_vit_sample_at_defaults(tmp_path: Path) -> None:
     """recipes/digits-hfvit.toml (defaults only): int8 keeps cosine >= 0.99 and top-1 agreement >= 0.99 to fp32."""
     report = run_sample("digits-hfvit", tmp_path / "run")
     assert report["quantization"]["op_types"] == ["MatMul", "Gemm", "Conv"]
+    correction = report["quantization"].get("bias_correction") or {}  # its one Conv is the patch embedding
+    assert correction.get("applied") is not True and (not correction or "patch embedding" in correction["why"])
     assert report["metrics"]["int8"]["vs_fp32"]["cosine_mean"] >= 0.99
 
 
@@ -284,3 +286,31 @@ def test_restored_clip_brings_back_constant_bounds_the_quantized_graph_dropped()
     onnx.checker.check_model(quantized)
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, {"x": np.array([-10.0, 3.0], np.float32)})[0], [6.0, 0.0])
+
+
+def test_a_vits_patch_embedding_alone_gets_no_bias_correction_search(tmp_path: Path) -> None:
+    """Bias correction is scored on Conv chains; a ViT's only Conv is its patch embedding, where scoring it cost 12 s
+    on DeiT-Tiny for a correction not kept: it is skipped with the reason recorded."""
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, num_labels=5)
+    vit = ViTForImageClassification(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.vit(pixel_values=image).logits
+
+    specs = [InputSpec(name="image", shape=["batch", 1, 16, 16], dtype="float32")]
+    data = Dataset({"image": np.random.default_rng(0).random((32, 1, 16, 16), dtype=np.float32)})
+    export_onnx(Logits().eval(), specs, ["logits"], ExportConfig(), data.head(2), tmp_path / "vit.onnx")
+    record = quantize_onnx(tmp_path / "vit.onnx", tmp_path / "vit.int8.onnx", QuantizeConfig(mode="static", dynamic_candidate=False),
+                           data, 16, data)
+    assert record.bias_correction == {"applied": False, "why": "transformer graph whose only quantized Conv is its patch "
+                                      "embedding: not scored"}
