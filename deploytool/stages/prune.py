@@ -201,7 +201,8 @@ def fused_attention(model: torch.nn.Module) -> tuple[list[FusedAttention], dict[
     refused: dict[str, str] = {}
     for name in attention_layers(model)[1]:
         module = modules[name]
-        heads_attribute = next(a for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(module, a, None), int))
+        heads_attribute = next(a for a in HEAD_COUNT_ATTRIBUTES
+                               if isinstance(getattr(module, a, None), int) and not isinstance(getattr(module, a), bool))
         qkv_attribute = "qkv" if isinstance(getattr(module, "qkv", None), nn.Linear) else "in_proj"
         qkv, heads = getattr(module, qkv_attribute), int(getattr(module, heads_attribute))
         width = qkv.out_features // 3
@@ -267,11 +268,12 @@ def remove_fused_heads(model: torch.nn.Module, ratios: dict[str, float], p: int,
                 zeroed.bias[value_rows] = 0
             setattr(layer.module, layer.qkv_attribute, zeroed)
             expected = _tensors(model(*example))
-            new_qkv = nn.Linear(qkv.in_features, len(row_index), bias=qkv.bias is not None)
+            like = {"dtype": qkv.weight.dtype, "device": qkv.weight.device}
+            new_qkv = nn.Linear(qkv.in_features, len(row_index), bias=qkv.bias is not None, **like)
             new_qkv.weight.copy_(qkv.weight[row_index])
             if qkv.bias is not None:
                 new_qkv.bias.copy_(qkv.bias[row_index])
-            new_out = nn.Linear(len(column_index), out.out_features, bias=out.bias is not None)
+            new_out = nn.Linear(len(column_index), out.out_features, bias=out.bias is not None, **like)
             new_out.weight.copy_(out.weight[:, column_index])
             if out.bias is not None:
                 new_out.bias.copy_(out.bias)
