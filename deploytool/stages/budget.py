@@ -15,6 +15,7 @@ trade-off curve of the report.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -363,8 +364,8 @@ def search_ratio(
                 f"original's ONNX Runtime speed (needs {needed(widest):.2f}x); kept that pruning")
         else:
             low, high = -1, len(candidates) - 1  # low: known (or presumed, at no pruning) to miss; high: known to meet
-            rounds = range(STEPS + 1) if progress is None else progress.track(range(STEPS + 1), STEPS + 1,
-                                                                               "searching the pruning ratio")
+            steps = max(STEPS, math.ceil(math.log2(len(candidates) + 1)))  # enough to narrow the list to one
+            rounds = range(steps) if progress is None else progress.track(range(steps), steps, "searching the pruning ratio")
             for _ in rounds:
                 if high - low <= 1:
                     break
