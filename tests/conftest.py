@@ -243,3 +243,35 @@ class CreatesMarker:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return os.system, (f"touch '{self.marker}'",)
+
+
+def tiny_hf_vit(folder: Path, samples: int, exporter: str = "auto", **config: int) -> tuple[Any, list[Any], Any, Path]:
+    """Hugging Face's ViTForImageClassification from a small config (1x16x16 images, 4x4 patches, 5 classes; `config`
+    overrides hidden_size, num_hidden_layers, num_attention_heads, intermediate_size), wrapped to return its logits,
+    with `samples` seeded random images and its ONNX export: (model, specs, data, onnx path)."""
+    import torch
+    from torch import nn
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from deploytool.data import Dataset
+    from deploytool.recipe import ExportConfig, InputSpec
+    from deploytool.stages.export import export_onnx
+
+    torch.manual_seed(0)
+    settings = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, **config}
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=1, num_labels=5, **settings)).eval()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.vit(pixel_values=image).logits
+
+    model = Logits().eval()
+    specs = [InputSpec(name="image", shape=["batch", 1, 16, 16], dtype="float32")]
+    data = Dataset({"image": np.random.default_rng(0).random((samples, 1, 16, 16), dtype=np.float32)})
+    path = folder / "vit.onnx"
+    export_onnx(model, specs, ["logits"], ExportConfig(exporter=exporter), data.head(2), path)
+    return model, specs, data, path

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import DIGITS, ROOT
+from conftest import DIGITS, ROOT, tiny_hf_vit
 
 
 def _digits_cnn() -> Any:
@@ -81,33 +81,11 @@ def test_a_transformers_renamed_linear_weights_are_found_by_value(tmp_path: Path
     """The dynamo exporter stores a Linear's weight transposed under a new name ("val_28"): the profile is still
     placed on the attention and feed-forward layers of a transformer we did not write."""
     pytest.importorskip("transformers")
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
-
-    from deploytool.data import Dataset
-    from deploytool.recipe import ExportConfig, InputSpec
     from deploytool.stages.budget import layer_latency
-    from deploytool.stages.export import export_onnx
     from deploytool.stages.prune import _prunable
 
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=48, num_hidden_layers=2,
-                       num_attention_heads=3, intermediate_size=96, num_labels=5)
-    vit = ViTForImageClassification(config).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vit = vit
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return self.vit(pixel_values=image).logits
-
-    model = Logits().eval()
-    specs = [InputSpec(name="image", shape=["batch", 1, 16, 16], dtype="float32")]
-    data = Dataset({"image": np.random.default_rng(0).random((4, 1, 16, 16), dtype=np.float32)})
-    path = tmp_path / "vit.onnx"
-    export_onnx(model, specs, ["logits"], ExportConfig(exporter="dynamo"), data.head(2), path)
+    model, _, data, path = tiny_hf_vit(tmp_path, 4, exporter="dynamo", hidden_size=48, num_hidden_layers=2,
+                                       num_attention_heads=3, intermediate_size=96)
     weights = {n: m.weight.detach().numpy() for n, m in _prunable(model).items()}
     spent, share = layer_latency(path, next(data.head(1).batches(1)), weights, threads=1, calls=20)
     assert share >= 0.6, share

@@ -292,25 +292,10 @@ def test_a_vits_patch_embedding_alone_gets_no_bias_correction_search(tmp_path: P
     """Bias correction is scored on Conv chains; a ViT's only Conv is its patch embedding, where scoring it cost 12 s
     on DeiT-Tiny for a correction not kept: it is skipped with the reason recorded."""
     pytest.importorskip("transformers")
-    from transformers import ViTConfig, ViTForImageClassification
+    from conftest import tiny_hf_vit
 
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=64, num_labels=5)
-    vit = ViTForImageClassification(config).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vit = vit
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return self.vit(pixel_values=image).logits
-
-    specs = [InputSpec(name="image", shape=["batch", 1, 16, 16], dtype="float32")]
-    data = Dataset({"image": np.random.default_rng(0).random((32, 1, 16, 16), dtype=np.float32)})
-    export_onnx(Logits().eval(), specs, ["logits"], ExportConfig(), data.head(2), tmp_path / "vit.onnx")
-    record = quantize_onnx(tmp_path / "vit.onnx", tmp_path / "vit.int8.onnx", QuantizeConfig(mode="static", dynamic_candidate=False),
+    _, _, data, path = tiny_hf_vit(tmp_path, 32)
+    record = quantize_onnx(path, tmp_path / "vit.int8.onnx", QuantizeConfig(mode="static", dynamic_candidate=False),
                            data, 16, data)
     assert record.bias_correction == {"applied": False, "why": "transformer graph whose only quantized Conv is its patch "
                                       "embedding: not scored"}
