@@ -236,7 +236,10 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path,
     result = invoke("run", ROOT / "recipes" / "digits-cnn-pruned.toml", "--out", out, "--set", "prune.target_speedup=1.5",
                     "--set", "distill.epochs=1", "--set", "verify.runs=5", "--set", "verify.memory=false",
                     "--set", "verify.default_gates=false", "--set", "export.exporter=torchscript",
-                    "--set", f"prune.allocation={allocation}", "--set", "verify.gates.min_speedup_vs_ort_fp32=0.01")
+                    "--set", f"prune.allocation={allocation}", "--set", "verify.gates.min_speedup_vs_ort_fp32=0.01",
+                    # the search, not the accuracy one distillation epoch wins back: on a busy machine the interval
+                    # rule prunes more
+                    "--set", "verify.gates.max_accuracy_drop=1", "--set", "verify.gates.min_top1_agreement=0")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     budget = report["prune"]["budget"]
