@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploytool.data import Dataset
-from deploytool.errors import StageError, UserError
+from deploytool.errors import UserError
 from deploytool.hardware import DEFAULT_THREADS
 from deploytool.recipe import ExportConfig, InputSpec, PruneConfig
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARMUP = 5  # profiled calls not counted
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the nodes that multiply by a layer's weight
 STEPS = 6  # bisection rounds after the end points: the ratio to within (max_ratio - 0) / 2**6
 
 
@@ -99,7 +100,7 @@ def layer_latency(path: Path, feeds: dict[str, np.ndarray], weights: dict[str, n
     for layer, weight in weights.items():
         for shape in {weight.shape, weight.T.shape if weight.ndim == 2 else weight.shape}:
             shapes.setdefault(tuple(shape), []).append(layer)
-    consumed = {i for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") for i in n.input}
+    consumed = {i for n in graph.node if n.op_type in COMPUTE_OPS for i in n.input}
     for init in graph.initializer:
         if init.name in consumed and not init.name.endswith(".weight") and tuple(init.dims) in shapes:
             array = onnx.numpy_helper.to_array(init)
@@ -108,14 +109,15 @@ def layer_latency(path: Path, feeds: dict[str, np.ndarray], weights: dict[str, n
             if same:
                 by_value[init.name] = same[0]
 
+    def known_suffix(parts: list[str]) -> str | None:
+        """The longest tail of a dotted module path that names a layer (wrappers add prefixes)."""
+        return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in known), None)
+
     def weight_layer(name: str) -> str | None:
         """The layer a weight initializer belongs to: its name is the parameter's, under any wrapper prefix."""
         if name in by_value:
             return by_value[name]
-        if not name.endswith(".weight"):
-            return None
-        parts = name[: -len(".weight")].split(".")
-        return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in known), None)
+        return known_suffix(name[: -len(".weight")].split(".")) if name.endswith(".weight") else None
 
     def scope_layer(node: onnx.NodeProto) -> str | None:
         """The layer a TorchScript-exported node names in its scope path ("/layer1/layer1.0/conv1/Conv"), for
@@ -124,18 +126,18 @@ def layer_latency(path: Path, feeds: dict[str, np.ndarray], weights: dict[str, n
         for part in node.name.strip("/").split("/")[:-1]:  # a segment may repeat the tail of the path before it
             tail = next((k for k in range(len(parts), 0, -1) if part.startswith(".".join(parts[-k:]) + ".")), 0)
             parts = parts[: len(parts) - tail] + part.split(".")
-        return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in known), None)
+        return known_suffix(parts)
 
     def owner(node: onnx.NodeProto) -> str | None:
         for _ in range(12):  # back through activations, adds and reshapes to the layer that fed them
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and scope_layer(node):
-                return scope_layer(node)
+            if node.op_type in COMPUTE_OPS and (layer := scope_layer(node)):
+                return layer
             for name in node.input:
                 source = producer.get(name)
-                if name in initializers and weight_layer(name):
-                    return weight_layer(name)
-                if source is not None and source.op_type == "Transpose" and weight_layer(source.input[0]):
-                    return weight_layer(source.input[0])
+                if name in initializers and (layer := weight_layer(name)):
+                    return layer
+                if source is not None and source.op_type == "Transpose" and (layer := weight_layer(source.input[0])):
+                    return layer
             data = next((producer[n] for n in node.input if n in producer), None)
             if data is None:
                 return None
@@ -222,7 +224,7 @@ def _measured_allocations(model: torch.nn.Module, specs: Sequence[InputSpec], cf
     cannot be placed on the layers."""
     from deploytool.compare import compare_signal
     from deploytool.runners import TorchRunner, infer_dataset
-    from deploytool.stages.prune import _prunable, channel_prune, scan_layers
+    from deploytool.stages.prune import _prunable, single_layer_prunes
 
     weights = {n: m.weight.detach().cpu().numpy() for n, m in _prunable(model).items()}
     layer_ms, share = layer_latency(original, feeds, weights, threads)
@@ -237,20 +239,16 @@ def _measured_allocations(model: torch.nn.Module, specs: Sequence[InputSpec], cf
     names = [s.name for s in specs]
     reference = infer_dataset(TorchRunner("m", model, names, None), probe, 128)
     ratios = sorted(set(cfg.scan_ratios) | {cfg.max_ratio})
-    layers = scan_layers(model, specs, cfg, data)
     options: dict[str, list[tuple[float, float, float]]] = {}
-    items = layers if progress is None else progress.track(layers, len(layers), "measuring each layer's trade-off")
-    for layer in items:
-        options[layer] = []
-        for ratio in ratios:
-            try:
-                pruned = channel_prune(model, specs, cfg, data, ratio_by_layer={layer: ratio})
-            except (UserError, StageError):
-                continue
-            saved = sum(layer_ms.get(n, 0.0) * f for n, f in _removed_weights(model, pruned).items())
-            outputs = infer_dataset(TorchRunner("m", pruned, names, None), probe, 128)
-            loss = 1.0 - float(compare_signal(reference[0], outputs[0])["cosine_mean"])  # type: ignore[arg-type]
-            options[layer].append((ratio, saved, max(loss, 0.0)))
+    for layer, ratio, pruned in single_layer_prunes(model, specs, cfg, data, ratios, progress,
+                                                    "measuring each layer's trade-off"):
+        options.setdefault(layer, [])
+        if pruned is None:
+            continue
+        saved = sum(layer_ms.get(n, 0.0) * f for n, f in _removed_weights(model, pruned).items())
+        outputs = infer_dataset(TorchRunner("m", pruned, names, None), probe, 128)
+        loss = 1.0 - float(compare_signal(reference[0], outputs[0])["cosine_mean"])  # type: ignore[arg-type]
+        options[layer].append((ratio, saved, max(loss, 0.0)))
     found = allocations(options)
     if not found:
         search.allocation, search.layer_ms = "uniform", None

@@ -13,7 +13,7 @@ import fnmatch
 import logging
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -526,27 +526,33 @@ def scan_layers(model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneCo
     return [n for n in _prunable(model) if n not in skip]
 
 
+def single_layer_prunes(model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset,
+                        ratios: Sequence[float], progress: Any = None,
+                        what: str = "sensitivity scan") -> Iterator[tuple[str, float, torch.nn.Module | None]]:
+    """(layer, ratio, the model with only that layer pruned at that ratio, or None where it cannot be) for every
+    layer of scan_layers and every ratio: what a sensitivity scan and the latency budget's allocation score."""
+    layers = scan_layers(model, specs, cfg, data)
+    for layer in layers if progress is None else progress.track(layers, len(layers), what):
+        for ratio in ratios:
+            try:
+                yield layer, ratio, channel_prune(model, specs, cfg, data, ratio_by_layer={layer: ratio})
+            except (UserError, StageError) as exc:
+                log.info("%s: %s at %g not prunable: %s", what, layer, ratio, exc.message)
+                yield layer, ratio, None
+
+
 def sensitivity_scan(
     model: torch.nn.Module, specs: Sequence[InputSpec], cfg: PruneConfig, data: Dataset, task: str, progress: Any = None
 ) -> dict[str, dict[str, float]]:
     """Score after pruning each layer alone at each ratio: {layer: {ratio: score}}, plus the unpruned baseline."""
     from deploytool.runners import TorchRunner, infer_dataset
 
-    layers = scan_layers(model, specs, cfg, data)
     reference = infer_dataset(TorchRunner("m", model, [s.name for s in specs], None), data, 256)
     baseline = _score(model, specs, data, reference, task)
     table: dict[str, dict[str, float]] = {"<none>": {"0": baseline}}
-    items = layers if progress is None else progress.track(layers, len(layers), "sensitivity scan")
-    for layer in items:
-        row = {}
-        for ratio in cfg.scan_ratios:
-            try:
-                pruned = channel_prune(model, specs, cfg, data, ratio_by_layer={layer: ratio})
-                row[f"{ratio:g}"] = round(_score(pruned, specs, data, reference, task), 5)
-            except (UserError, StageError) as exc:
-                log.info("sensitivity: %s at %g not prunable: %s", layer, ratio, exc.message)
-                row[f"{ratio:g}"] = float("nan")
-        table[layer] = row
+    for layer, ratio, pruned in single_layer_prunes(model, specs, cfg, data, cfg.scan_ratios, progress):
+        score = float("nan") if pruned is None else round(_score(pruned, specs, data, reference, task), 5)
+        table.setdefault(layer, {})[f"{ratio:g}"] = score
     return table
 
 
