@@ -279,7 +279,7 @@ def _verify_checks(result: BenchResult) -> list[VerifyCheck]:
                                       _reported(aa.get("value"), aa.get("ci")),
                                       comparison.speedup(rows.get(model), rows.get(model, "") + AA_SUFFIX)))
         ort_base = "unpruned_fp32" if "unpruned_fp32" in metrics else "fp32"
-        for model in ("fp32", "unpruned_fp32", "int8"):
+        for model in ("fp32", "unpruned_fp32", "int8", "unpruned_int8"):
             mine = metrics.get(model)
             if mine is None:
                 continue
@@ -288,6 +288,8 @@ def _verify_checks(result: BenchResult) -> list[VerifyCheck]:
                 pairs.setdefault(ort_base, []).append("speedup_vs_ort_fp32")
             if "speedup_vs_fp32" in mine:
                 pairs.setdefault("fp32", []).append("speedup_vs_fp32")
+            if "speedup_vs_unpruned_fp32" in mine:
+                pairs.setdefault("unpruned_fp32", []).append("speedup_vs_unpruned_fp32")
             for baseline, keys in pairs.items():
                 key = keys[0]
                 if key not in mine:

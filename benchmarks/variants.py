@@ -41,7 +41,7 @@ class Variant:
     source: str  # "baseline" or "deploytool"
     fp32_counterpart: str | None = None  # the fp32 row an int8 row is compared with
     pruned: bool = False
-    for_comparison: bool = False  # made by a run only to compare with (e.g. the unpruned export), not its product
+    for_comparison: bool = False  # made by a run to compare with (the unpruned export, its int8 alternative), not its product
 
 
 @contextlib.contextmanager
@@ -193,6 +193,7 @@ def run_rows(recipe_name: str) -> dict[str, str]:
         "fp32": f"deploytool {recipe_name} fp32",
         "int8": f"deploytool {recipe_name} int8",
         "unpruned_fp32": f"deploytool {recipe_name} unpruned fp32",
+        "unpruned_int8": f"deploytool {recipe_name} unpruned int8",
     }
 
 
@@ -219,5 +220,14 @@ def deploytool_variants(recipe: Recipe, run: ToolchainRun, threads: int) -> list
         description = "the original network, exported (no onnxsim) by this pruning recipe to compare with"
         runner = OrtRunner(name, unpruned, threads)
         variants.append(Variant(name, description, runner, unpruned.stat().st_size, "deploytool", for_comparison=True))
+    alternative = run.out_dir / "model.unpruned.int8.onnx"
+    if alternative.exists():
+        name = names["unpruned_int8"]
+        quantization = (run.report.get("quantization") or {}).get("unpruned", {})
+        description = ("the original network quantized as it is, an alternative of this budget recipe; "
+                       f"{_quantization_summary(quantization)}")
+        runner = OrtRunner(name, alternative, threads)
+        variants.append(Variant(name, description, runner, alternative.stat().st_size, "deploytool", names["unpruned_fp32"],
+                                for_comparison=True))
     return variants
 

@@ -238,6 +238,8 @@ class QuantizeConfig(Strict):
                                     "when it meets the targets faster or scores better")
     layer_weights: Literal["auto", "uniform"] = Field("auto", description="auto: where 7-bit weights (reduce_range) miss "
                                                       "the targets, 8-bit weights on the layers that gain most")
+    unpruned: bool | None = Field(None, description="also quantize the original (unpruned, undistilled) model: an "
+                                  "alternative the run verifies and may recommend; default: with a [prune] latency budget")
 
 
 class GatesConfig(Strict):
@@ -272,6 +274,9 @@ class VerifyConfig(Strict):
     min_seconds: float = Field(0.0, ge=0, allow_inf_nan=False, description="keep timing until this many seconds have passed")
     throughput_batches: list[Annotated[int, Field(ge=1)]] = Field([], description="also measure throughput at these batch sizes")
     memory: bool = Field(True, description="measure each ONNX model's inference-session peak memory")
+    verdict: Literal["all", "recommended"] | None = Field(
+        None, description="all: every gate of every model the run makes must pass; recommended: the run passes when the "
+        "model it recommends passes every gate of its own; default: recommended with a [prune] latency budget, else all")
     gates: GatesConfig = GatesConfig()
 
 
@@ -304,11 +309,17 @@ class Recipe(Strict):
             raise ValueError(f"[{'prune' if self.prune else 'distill'}] changes a PyTorch model; [model] onnx starts from an "
                              "ONNX file (use factory and checkpoint to prune or distill)")
         budget = self.prune.target_speedup if self.prune is not None else None
+        searched = self.prune is not None and (budget is not None or self.prune.target_latency_ms is not None)
         if budget is not None and self.verify is not None and self.verify.gates.min_speedup_vs_ort_fp32 is None:
             self.verify.gates.min_speedup_vs_ort_fp32 = budget  # the budget is a promise the verdict checks
+        if self.verify is not None and self.verify.verdict is None:
+            # a budget run ships the fastest variant that passes: its verdict is that variant's
+            self.verify.verdict = "recommended" if searched else "all"
         cfg = self.quantize
         if cfg is None:
             return self
+        if cfg.unpruned is None:
+            cfg.unpruned = searched and cfg.mode != "none"
         gates = self.verify.gates if self.verify else GatesConfig()
         defaults = self.verify is not None and self.verify.default_gates
 

@@ -22,6 +22,7 @@ class Gate(_Open):
     default: bool  # applied because the user named no such gate
     against: str | None = None  # the model the value compares with, where not the reference
     interval: list[float | None] | None = None  # a speed gate's confidence interval
+    binding: bool = True  # False: measured and reported, but the verdict does not rest on it ([verify] verdict)
 
 
 class ModelFile(_Open):
@@ -61,7 +62,7 @@ class Report(_Open):
 
     @property
     def failed_gates(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
+        return [g for g in self.gates if not g.passed and g.binding]
 
 
 def checked(report: dict[str, Any]) -> dict[str, Any]:

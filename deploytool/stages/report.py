@@ -110,7 +110,10 @@ def gate_rows(report: Report) -> tuple[list[str], list[list[str]]]:
             how.append(f"against {g.against}")
         if g.interval is not None and len(g.interval) == 2:
             how.append(f"interval [{_fmt(g.interval[0], 3)}, {_fmt(g.interval[1], 3)}]")
-        rows.append([g.name, g.model, _fmt(g.value, 5), _fmt(g.threshold, 5), "pass" if g.passed else "FAIL", ", ".join(how)])
+        if not g.binding:
+            how.append("not binding")
+        verdict = "pass" if g.passed else ("FAIL" if g.binding else "fail")
+        rows.append([g.name, g.model, _fmt(g.value, 5), _fmt(g.threshold, 5), verdict, ", ".join(how)])
     return header, rows
 
 

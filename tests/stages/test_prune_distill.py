@@ -266,11 +266,19 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path,
     html = (out / "report.html").read_text()
     assert "Latency budget: pruning ratio, measured speedup" in html  # the trade-off curve drawn as a plot
     budget_gates = [g for g in report["gates"] if g["name"] == "min_speedup_vs_ort_fp32"]
-    assert {g["model"] for g in budget_gates} == {"fp32", "int8"} and all(g["against"] == "unpruned_fp32" for g in budget_gates)
+    assert {g["model"] for g in budget_gates} == {"fp32", "int8", "unpruned_int8"}
+    assert all(g["against"] == "unpruned_fp32" for g in budget_gates)
+    # the original quantized as it is: an alternative, gated against its own float export, never binding
+    assert (out / "model.unpruned.int8.onnx").exists() and "unpruned" in report["quantization"]
+    alternative = [g for g in report["gates"] if g["model"] == "unpruned_int8"]
+    assert alternative and not any(g["binding"] for g in alternative)
+    assert {g["against"] for g in alternative if g["name"] == "min_cosine"} <= {"unpruned_fp32"}
     recommended = report["recommended"]  # the fastest of the run's models that passes its gates
-    assert recommended["model"] in ("fp32", "int8") and (out / recommended["file"]).exists()
+    assert recommended["model"] in ("fp32", "int8", "unpruned_int8") and (out / recommended["file"]).exists()
     assert all(g["passed"] for g in report["gates"] if g["model"] == recommended["model"])
     assert any(n.startswith("recommended artifact: ") for n in report["notes"])
+    # a budget run's verdict is its recommended model's ([verify] verdict = "recommended")
+    assert all(g["binding"] == (g["model"] == recommended["model"]) for g in report["gates"])
 
 
 def test_a_latency_budget_becomes_a_gate_on_every_model_of_the_run(tmp_path: Path) -> None:
@@ -290,6 +298,50 @@ def test_a_latency_budget_becomes_a_gate_on_every_model_of_the_run(tmp_path: Pat
     candidate.write_bytes(b"")
     cfg, run_only = verify_config(path, (candidate,), ())
     assert cfg.gates.min_speedup_vs_ort_fp32 is None and run_only == ["min_speedup_vs_ort_fp32"]
+
+
+def test_a_budget_run_is_judged_on_the_model_it_ships_and_also_quantizes_the_original() -> None:
+    from deploytool.recipe import load_recipe
+
+    plain = load_recipe(ROOT / "recipes" / "digits-cnn-pruned.toml")
+    assert plain.verify.verdict == "all" and plain.quantize.unpruned is False
+    budget = load_recipe(ROOT / "recipes" / "digits-cnn-budget.toml")
+    assert budget.prune.target_speedup == 2.5
+    assert budget.verify.verdict == "recommended" and budget.quantize.unpruned is True
+    chosen = load_recipe(ROOT / "recipes" / "digits-cnn-budget.toml",
+                         overrides=["verify.verdict=all", "quantize.unpruned=false"])
+    assert chosen.verify.verdict == "all" and chosen.quantize.unpruned is False
+
+
+def test_the_verdict_rests_on_every_model_or_on_the_recommended_one() -> None:
+    from deploytool.report_schema import Report
+    from deploytool.wiring import decide
+
+    def fragment() -> dict[str, Any]:
+        return {"gates": [{"name": "max_accuracy_drop", "model": "fp32", "passed": True},
+                          {"name": "min_speedup_vs_fp32", "model": "int8", "passed": False},
+                          {"name": "min_speedup_vs_ort_fp32", "model": "unpruned_int8", "passed": False}]}
+
+    every = fragment()
+    assert decide(every, "all", "fp32") is False  # int8 fails: every model of the run is bound
+    assert [g["binding"] for g in every["gates"]] == [True, True, False]  # the unpruned alternative never is
+    best = fragment()
+    assert decide(best, "recommended", "fp32") is True
+    assert [g["binding"] for g in best["gates"]] == [True, False, False]
+    nothing = fragment()
+    nothing["gates"][0]["passed"] = False
+    assert decide(nothing, "recommended", None) is False  # nothing to ship: every model of the run is bound
+    report = Report.model_validate({"name": "r", "passed": True, "models": {}, "metrics": {}, "stages": [],
+                                    "environment": {}, "gates": [{**g, "value": 1.0, "threshold": 1.0, "default": True}
+                                                                 for g in best["gates"]]})
+    assert report.failed_gates == []  # what exit code 1 names: binding gates only
+    import xml.etree.ElementTree as ET
+
+    from deploytool.junit import junit_xml
+
+    suite = ET.fromstring(junit_xml("r", [{**g, "value": 1.0, "threshold": 1.0} for g in best["gates"]])).find("testsuite")
+    assert suite is not None and suite.get("failures") == "0"
+    assert [c.find("skipped") is not None for c in suite.iter("testcase")] == [False, True, True]
 
 
 def test_a_latency_budget_needs_channel_pruning() -> None:
