@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build and installed before the package, so no range can pull a CUDA build
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench bench-memory bench-verify-memory zoo install install-dev sample clean
+.PHONY: demo test bench bench-memory bench-verify-memory bench-widths zoo install install-dev sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-memory: install
 # code; rewrites docs/verify-memory.md (several minutes)
 bench-verify-memory: install
 	$(BIN)/python -m benchmarks.verify_memory
+
+# channel widths measured per layer against rounding to multiples of 8; rewrites docs/widths.md (about 2 minutes)
+bench-widths: install
+	$(BIN)/python -m benchmarks.widths
 
 # the model zoo: ~19 architectures (transformers model classes built from configs, no download, plus recurrent,
 # multi-input/multi-output and dict-output networks) each through `deploytool run` with a plain recipe; rewrites

@@ -117,7 +117,9 @@ class PruneConfig(Strict):
     heads_ratio: float | None = Field(None, ge=0, lt=1, description="channel: fraction of the attention heads removed in "
                                       "every attention layer of a transformer (default: ratio; 0 keeps them all)")
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
-    round_to: int | None = Field(8, ge=1, description="keep channel counts multiples of this")
+    round_to: Annotated[int, Field(ge=1)] | Literal["measured"] | None = Field(
+        8, description="keep channel counts multiples of this; \"measured\" (latency budget with per-layer allocation "
+        "only): each pruned layer's width chosen from its measured ONNX Runtime time at the widths around the planned one")
     iterative_steps: int = Field(1, ge=1)
     global_pruning: bool = False
     scope: Literal["global", "layer"] = Field("global", description="magnitude pruning: one threshold or one per layer")
@@ -137,9 +139,13 @@ class PruneConfig(Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> PruneConfig:
-        if (self.target_speedup is not None or self.target_latency_ms is not None) and self.method != "channel":
+        budget = self.target_speedup is not None or self.target_latency_ms is not None
+        if budget and self.method != "channel":
             raise ValueError("target_speedup and target_latency_ms need method = \"channel\" (only removing channels "
                              "makes ONNX Runtime faster)")
+        if self.round_to == "measured" and not budget:
+            raise ValueError("round_to = \"measured\" chooses widths inside a latency-budget search: set target_speedup "
+                             "or target_latency_ms, or give round_to a number")
         return self
 
     @field_validator("scan_ratios")

@@ -56,6 +56,8 @@ class BudgetSearch:
     chosen_ratios: dict[str, float] | None = None  # per layer, when the allocation is measured
     layer_ms: dict[str, float] | None = None  # the original's ONNX Runtime time per layer, when measured
     profiled_share: float | None = None  # the share of ONNX Runtime's node time placed on layers
+    widths: dict[str, list[int]] | None = None  # round_to = "measured": per layer [planned, chosen] channels
+    width_ms: dict[str, dict[int, float]] | None = None  # the layer alone, ms per call at each width timed
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None and k != "notes"}
@@ -81,14 +83,10 @@ def layer_latency(path: Path, feeds: dict[str, np.ndarray], weights: dict[str, n
     TorchScript node name, or by value where the exporter renamed a transposed copy); a node without a weight (an
     activation, an add, a layout reorder) counts for the layer that produced its input, since its cost shrinks
     with that layer's channels."""
-    import json
     import re
 
     import onnx
     import onnx.numpy_helper
-    import onnxruntime as ort
-
-    from deploytool.runners import session_options
 
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
@@ -144,6 +142,28 @@ def layer_latency(path: Path, feeds: dict[str, np.ndarray], weights: dict[str, n
             node = data
         return None
 
+    spent: dict[str, float] = {}
+    placed = total = 0.0
+    for name, microseconds in node_times(path, feeds, threads, calls):
+        total += microseconds
+        base = re.sub(r"(_nchwc|_token_\d+)+$", "", name)
+        node = by_name.get(name) or by_name.get(base) or producer.get(base) or producer.get(name)
+        found = owner(node) if node is not None else None
+        if found is not None:
+            spent[found] = spent.get(found, 0.0) + microseconds / 1000.0 / calls
+            placed += microseconds
+    return spent, (placed / total if total else 0.0)
+
+
+def node_times(path: Path, feeds: dict[str, np.ndarray], threads: int, calls: int) -> list[tuple[str, float]]:
+    """ONNX Runtime's profile of `calls` calls (after WARMUP untimed ones): (node name, kernel microseconds) for every
+    node run, as ONNX Runtime names its optimized nodes. Kernel time only: no per-call session overhead."""
+    import json
+
+    import onnxruntime as ort
+
+    from deploytool.runners import session_options
+
     with tempfile.TemporaryDirectory(prefix="deploytool-profile-") as tmp:
         options = session_options(threads)
         options.enable_profiling = True
@@ -154,20 +174,8 @@ def layer_latency(path: Path, feeds: dict[str, np.ndarray], weights: dict[str, n
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     warm = runs[WARMUP - 1] if len(runs) >= WARMUP else -1  # the first calls allocate and are slow: not counted
-    spent: dict[str, float] = {}
-    placed = total = 0.0
-    for event in events:
-        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time") or event["ts"] <= warm:
-            continue
-        name = event["name"][: -len("_kernel_time")]
-        total += event["dur"]
-        base = re.sub(r"(_nchwc|_token_\d+)+$", "", name)
-        node = by_name.get(name) or by_name.get(base) or producer.get(base) or producer.get(name)
-        found = owner(node) if node is not None else None
-        if found is not None:
-            spent[found] = spent.get(found, 0.0) + event["dur"] / 1000.0 / calls
-            placed += event["dur"]
-    return spent, (placed / total if total else 0.0)
+    return [(str(e["name"])[: -len("_kernel_time")], float(e["dur"])) for e in events
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e["ts"] > warm]
 
 
 def removed_channels(model: torch.nn.Module, pruned: torch.nn.Module) -> float:
@@ -187,6 +195,155 @@ def _removed_weights(model: torch.nn.Module, pruned: torch.nn.Module) -> dict[st
     after = _prunable(pruned)
     return {n: 1.0 - after[n].weight.numel() / m.weight.numel() for n, m in _prunable(model).items()
             if n in after and m.weight.numel()}
+
+
+WIDTH_STEP = 4  # candidate widths: the planned one and the multiples of this above it ...
+WIDTH_WINDOW = 16  # ... up to this many channels more (a vector block on the widest CPUs)
+WIDTH_TOLERANCE = 0.02  # a wider layer is kept when it runs within 2% of the planned width's time
+WIDTH_ROUNDS, WIDTH_CALLS = 3, 50  # profiled calls of each width
+
+
+def _layer_onnx(module: torch.nn.Module, shape: tuple[int, ...], width: int, path: Path) -> bool:
+    """`module` alone in ONNX with `width` output channels, on inputs of `shape` (a depthwise Conv: the first `width`
+    of them, sliced, as its input shrinks with it); False for a layer this cannot stand for (a grouped Conv)."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    extra: list[Any] = []
+    if isinstance(module, torch.nn.Linear):
+        shape = (*shape[:-1], module.in_features)
+        weight = rng.standard_normal((module.in_features, width)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    elif isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed:
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if module.groups > 1 and not depthwise:
+            return False
+        cin = 1 if depthwise else module.in_channels
+        kernel = [int(k) for k in module.kernel_size]
+        weight = rng.standard_normal((width, cin, *kernel)).astype(np.float32)
+        attributes: dict[str, Any] = {"kernel_shape": kernel, "strides": [int(v) for v in module.stride],
+                                      "dilations": [int(v) for v in module.dilation], "group": width if depthwise else 1}
+        if isinstance(module.padding, str):
+            attributes["auto_pad"] = "SAME_UPPER" if module.padding == "same" else "VALID"
+        else:
+            attributes["pads"] = [int(p) for p in module.padding] * 2
+        nodes = [helper.make_node("Conv", ["s" if depthwise else "x", "w", "b"], ["y"], **attributes)]
+        if depthwise:
+            ends = numpy_helper.from_array(np.array([width], dtype=np.int64), "ends")
+            starts = numpy_helper.from_array(np.array([0], dtype=np.int64), "starts")
+            axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+            nodes.insert(0, helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]))
+            extra = [starts, ends, axes]
+    else:
+        return False
+    bias = numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "b")
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), bias, *extra])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return True
+
+
+@dataclass
+class WidthChooser:
+    """Per-layer widths from measured ONNX Runtime time (round_to = "measured"): for a layer an allocation keeps
+    `planned` channels of, the layer alone (its input as the model feeds it, batch of the search) is profiled at the
+    planned width and at the multiples of WIDTH_STEP up to WIDTH_WINDOW above it (ONNX Runtime's kernel time of its
+    nodes, as layer_latency reads it: a call's fixed overhead would hide the layer's own cost); the widest that runs
+    within WIDTH_TOLERANCE of the planned width's time is kept. Vector kernels pad channels to
+    their block, so on one CPU 24 channels cost what 32 do and 56 more than 64: such channels come for free.
+    Layers that cannot be timed alone keep the planned width rounded down to a multiple of 8."""
+
+    model: torch.nn.Module
+    example: tuple[Any, ...]
+    threads: int
+    folder: Path
+    skip: set[str] = field(default_factory=set)  # attention projections: whole heads, not widths
+    chosen: dict[tuple[str, int], int] = field(default_factory=dict)
+    timings: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)  # (layer, planned): {width: ms}
+    layer_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # every width timed, per layer
+    _shapes: dict[str, tuple[int, ...]] | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        import torch
+
+        from deploytool.stages.prune import _prunable
+
+        if self._shapes is None:
+            found: dict[str, tuple[int, ...]] = {}
+            def record(name: str, args: Any) -> None:  # returns None: a pre-hook's result would replace the args
+                found.setdefault(name, tuple(args[0].shape))
+
+            hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: record(name, args))
+                     for name, m in _prunable(self.model).items()]
+            try:
+                with torch.no_grad():
+                    self.model(*self.example)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._shapes = found
+        return self._shapes
+
+    @staticmethod
+    def rounded(planned: int, total: int) -> int:
+        """The planned width as Torch-Pruning's round_to = 8 keeps it: rounded down, or the layer left whole when
+        that would remove every channel."""
+        from deploytool.stages.prune import ROUND_TO_FALLBACK
+
+        return planned - planned % ROUND_TO_FALLBACK if planned >= ROUND_TO_FALLBACK else total
+
+    def width(self, layer: str, planned: int, total: int) -> int:
+        key = (layer, planned)
+        if key in self.chosen:
+            return self.chosen[key]
+        module, shape = dict(self.model.named_modules())[layer], self.shapes().get(layer)
+        widths = [planned, *range(planned - planned % WIDTH_STEP + WIDTH_STEP, min(total, planned + WIDTH_WINDOW) + 1,
+                                   WIDTH_STEP)]
+        known = self.layer_ms.setdefault(layer, {})
+        missing = [w for w in widths if w not in known]
+        paths = {w: self.folder / f"width-{w}.onnx" for w in missing}
+        if shape is None or not all([_layer_onnx(module, shape, w, paths[w]) for w in missing]):
+            self.chosen[key] = self.rounded(planned, total)
+            return self.chosen[key]
+        if missing:  # widths are timed once per layer: the allocations the search tries plan overlapping ones
+            feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+            samples: dict[int, dict[str, list[float]]] = {w: {} for w in missing}
+            for _ in range(WIDTH_ROUNDS):  # rounds over the widths, so that a slow spell of the machine falls on all
+                for w in missing:
+                    for node, us in node_times(paths[w], feeds, self.threads, WIDTH_CALLS):
+                        samples[w].setdefault(node, []).append(us)
+            # each node's median kernel time (robust to the odd preempted call), summed over the layer's nodes
+            known.update({w: sum(float(np.median(v)) for v in nodes.values()) / 1000.0 for w, nodes in samples.items()})
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+        spent = {w: known[w] for w in widths}
+        self.timings[key] = {w: round(ms, 5) for w, ms in spent.items()}
+        self.chosen[key] = max([planned, *(w for w in widths if spent[w] <= spent[planned] * (1 + WIDTH_TOLERANCE))])
+        return self.chosen[key]
+
+    def exact(self, ratios: dict[str, float], measure: bool = True) -> tuple[dict[str, float], dict[str, list[int]]]:
+        """The allocation's ratios as ratios that keep the chosen widths exactly (Torch-Pruning keeps
+        int(C * (1 - ratio)) channels, with no rounding), and {layer: [planned, chosen]} for the layers timed.
+        measure=False: the planned widths rounded down to multiples of 8 instead, as round_to = 8 keeps them."""
+        from deploytool.stages.prune import _prunable
+
+        layers = _prunable(self.model)
+        exact: dict[str, float] = {}
+        widths: dict[str, list[int]] = {}
+        for layer, ratio in ratios.items():
+            module = layers.get(layer)
+            if module is None or layer in self.skip or ratio <= 0:
+                exact[layer] = ratio
+                continue
+            total = int(module.weight.shape[0])
+            planned = max(1, int(total * (1 - ratio)))
+            chosen = self.width(layer, planned, total) if measure else self.rounded(planned, total)
+            widths[layer] = [planned, chosen]
+            exact[layer] = 0.0 if chosen >= total else 1.0 - (chosen + 0.5) / total
+        return exact, widths
 
 
 def allocations(options: dict[str, list[tuple[float, float, float]]]) -> list[dict[str, float]]:
@@ -277,7 +434,7 @@ def search_ratio(
     from deploytool.latency import TimingPlan, measure
     from deploytool.runners import OrtRunner, infer_dataset
     from deploytool.stages.export import export_onnx
-    from deploytool.stages.prune import channel_prune, count_macs
+    from deploytool.stages.prune import attention_layers, channel_prune, count_macs, fused_attention
 
     if cfg.target_speedup is None and cfg.target_latency_ms is None:
         raise UserError("[prune] a latency budget needs target_speedup or target_latency_ms")
@@ -297,29 +454,56 @@ def search_ratio(
         measured: dict[Any, dict[str, Any]] = {}
         architectures: dict[tuple[int | None, int], dict[str, Any]] = {}
 
+        chooser = None
+        if cfg.round_to == "measured":
+            attention, _ = attention_layers(model)
+            skip = {n for a in attention for n in a.projection_names()} | {a.qkv_name for a in fused_attention(model)[0]}
+            timed_example = tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs)  # latency batch
+            chooser = WidthChooser(model, timed_example, threads, folder, skip)
+
         def point(ratio: float, by_layer: dict[str, float] | None = None) -> dict[str, Any]:
             key = (round(ratio, 4), tuple(sorted(by_layer.items())) if by_layer is not None else None)
             if key in measured:
                 return measured[key]
-            pruned = channel_prune(model, specs, cfg.model_copy(update={"ratio": ratio}), data, ratio_by_layer=by_layer)
-            macs, params = count_macs(pruned, example)
-            if (macs, params) in architectures:  # round_to gives several ratios the same widths: the same network
-                measured[key] = architectures[(macs, params)]
+            # (name, per-layer ratios that keep exact widths, {layer: [planned, kept]}): with measured widths, the
+            # network they give and, as a guard, the planned widths rounded down to multiples of 8 (a layer timed
+            # alone does not see that its wider output makes the next layer's input wider)
+            options: list[tuple[str, dict[str, float] | None, dict[str, list[int]] | None]] = [("pruned", by_layer, None)]
+            if by_layer is not None and chooser is not None:
+                options = [("pruned", *chooser.exact(by_layer)), ("rounded", *chooser.exact(by_layer, measure=False))]
+                if options[0][2] == options[1][2]:
+                    options = options[:1]
+            networks = {name: channel_prune(model, specs, cfg.model_copy(update={"ratio": ratio}), data, ratio_by_layer=ratios)
+                        for name, ratios, _ in options}
+            sizes = {name: count_macs(net, example) for name, net in networks.items()}
+            if sizes["pruned"] in architectures:  # several ratios (or allocations) give the same widths: the same network
+                measured[key] = architectures[sizes["pruned"]]
                 return measured[key]
-            path = folder / f"pruned-{len(measured)}.onnx"
-            export_onnx(pruned, specs, outputs, export, example_data, path)
-            runner = OrtRunner("pruned", path, threads)
-            timing = measure([base, runner], feeds, plan, control=True)
-            speedup = timing.speedup("original", "pruned")
-            base_ms, pruned_ms = timing.timed["original"].center_ms, timing.timed["pruned"].center_ms
+            runners = []
+            for name, net in networks.items():
+                path = folder / f"{name}-{len(measured)}.onnx"
+                export_onnx(net, specs, outputs, export, example_data, path)
+                runners.append(OrtRunner(name, path, threads))
+            name, layer_ratios, widths = options[0]
+            guard = measure(runners, feeds, TimingPlan.for_calls(100, block=10, warmup=5), control=False) if len(runners) > 1 else None
+            if guard is not None and guard.timed["pruned"].center_ms > guard.timed["rounded"].center_ms * (1 + WIDTH_TOLERANCE):
+                name, layer_ratios, widths = options[1]  # the measured widths made the whole network slower
+            runner, pruned, (macs, params) = next(r for r in runners if r.name == name), networks[name], sizes[name]
+            timing = measure([base, runner], feeds, plan, control=True)  # the budget is judged on this timing alone
+            speedup = timing.speedup("original", name)
+            base_ms, pruned_ms = timing.timed["original"].center_ms, timing.timed[name].center_ms
             shown = round(ratio, 4) if by_layer is None else round(removed_channels(model, pruned), 4)
             row: dict[str, Any] = {"ratio": shown, "macs": macs, "latency_ms": round(pruned_ms, 4), "original_ms": round(base_ms, 4),
                    "speedup": round(speedup.value, 4), "speedup_ci": [round(speedup.low, 4), round(speedup.high, 4)],
                    **_outputs_quality(reference, infer_dataset(runner, probe, 64), task)}
             if by_layer is not None:
                 row["layers_pruned"] = sum(1 for r in by_layer.values() if r > 0)
+            if guard is not None:
+                row["widths"] = "measured" if name == "pruned" else "rounded"
+                row["widths_ms"] = {"measured": round(guard.timed["pruned"].center_ms, 4),
+                                    "rounded": round(guard.timed["rounded"].center_ms, 4)}
             measured[key] = architectures[(macs, params)] = row
-            row["_by_layer"] = by_layer
+            row["_by_layer"], row["_widths"] = layer_ratios, widths
             search.points.append(row)
             log.info("budget search: ratio %.3f -> %.3f ms, %s", shown, pruned_ms, speedup)
             return row
@@ -377,9 +561,27 @@ def search_ratio(
         chosen["chosen"] = True
         search.chosen_ratio = float(chosen["ratio"])  # the ratio the chosen network was measured at
         search.chosen_ratios = chosen.get("_by_layer")
+        if chosen.get("_widths"):
+            search.widths = chosen["_widths"]
+            search.width_ms = {layer: chooser.timings[(layer, planned)] for layer, (planned, _) in chosen["_widths"].items()
+                               if chooser is not None and (layer, planned) in chooser.timings}
+            wider = sum(1 for planned, kept in chosen["_widths"].values() if kept > planned)
+            both = chosen.get("widths_ms") or {}
+            if chosen.get("widths") == "rounded":
+                search.notes.append(
+                    f"widths measured (round_to = \"measured\"), not kept: the layers widened where each alone ran as fast "
+                    f"made the whole network slower ({both.get('measured')} vs {both.get('rounded')} ms); the planned widths "
+                    "rounded down to multiples of 8 were kept")
+            else:
+                search.notes.append(
+                    f"widths measured (round_to = \"measured\"): {wider} of {len(chosen['_widths'])} pruned layers keep more "
+                    "channels than planned, each as fast alone in ONNX Runtime"
+                    + (f"; the whole network {both['measured']} ms against {both['rounded']} ms with the planned widths "
+                       "rounded to multiples of 8" if both else ""))
         search.baseline_ms = float(chosen["original_ms"])
         search.needed_speedup = round(needed(chosen), 4)
     for row in search.points:
         row.pop("_by_layer", None)
+        row.pop("_widths", None)
     search.points.sort(key=lambda row: float(row["ratio"]))
     return search

@@ -374,6 +374,17 @@ def _taylor_gradients(model: torch.nn.Module, specs: Sequence[InputSpec], data: 
         loss.backward()
 
 
+ROUND_TO_FALLBACK = 8  # round_to = "measured" where no width was measured (one ratio for every layer)
+
+
+def rounding(cfg: PruneConfig, per_layer: bool) -> int | None:
+    """Torch-Pruning's round_to: the recipe's number; with round_to = "measured" the per-layer ratios already give
+    exact widths (deploytool.stages.budget.WidthChooser), and one ratio for every layer keeps multiples of 8."""
+    if cfg.round_to == "measured":
+        return None if per_layer else ROUND_TO_FALLBACK
+    return cfg.round_to
+
+
 def channel_prune(
     model: torch.nn.Module,
     specs: Sequence[InputSpec],
@@ -431,7 +442,7 @@ def channel_prune(
                 pruning_ratio=cfg.ratio if ratio_by_layer is None else 0.0,
                 iterative_steps=cfg.iterative_steps,
                 ignored_layers=[modules[n] for n in ignored_names],
-                round_to=cfg.round_to,
+                round_to=rounding(cfg, ratio_by_layer is not None),
                 global_pruning=cfg.global_pruning,
                 **kwargs,
             )

@@ -220,8 +220,15 @@ def _layer_time_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     chosen = budget.get("chosen_ratios") or {}
     spent = budget.get("layer_ms") or {}
     total = sum(float(v) for v in spent.values()) or 1.0
+    widths = budget.get("widths") or {}
     rows = [[name, _fmt(ms, 4), f"{float(ms) / total:.1%}", _fmt(chosen.get(name, 0.0), 2)] for name, ms in spent.items()]
-    return ["layer", "ms per call (original, ORT profile)", "share", "ratio chosen"], rows
+    header = ["layer", "ms per call (original, ORT profile)", "share", "ratio chosen"]
+    if widths:  # round_to = "measured": the allocation's width and the one its measured time chose
+        header.append("kept channels (planned -> measured)")
+        for row in rows:
+            planned_kept = widths.get(row[0])
+            row.append(f"{planned_kept[0]} -> {planned_kept[1]}" if planned_kept else "")
+    return header, rows
 
 
 def _float_rows(report: Report) -> tuple[list[str], list[list[str]]]:

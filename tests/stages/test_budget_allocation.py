@@ -90,3 +90,79 @@ def test_a_transformers_renamed_linear_weights_are_found_by_value(tmp_path: Path
     spent, share = layer_latency(path, next(data.head(1).batches(1)), weights, threads=1, calls=20)
     assert share >= 0.6, share
     assert len(spent) >= len(weights) - 1, sorted(set(weights) - set(spent))  # every Linear, the patch-embedding Conv
+
+
+def test_measured_widths_keep_channels_that_cost_no_time(tmp_path: Path) -> None:
+    """round_to = "measured": each pruned layer is profiled alone at its planned width and the multiples of 4 above
+    it; the widest within 2% of the planned width's time is kept, and pruning keeps exactly that many channels (a
+    depthwise Conv moves with its input; a grouped Conv cannot be timed alone and keeps a multiple of 8)."""
+    import torch
+
+    from deploytool.data import Dataset
+    from deploytool.recipe import InputSpec, PruneConfig
+    from deploytool.stages.budget import WIDTH_TOLERANCE, WidthChooser
+    from deploytool.stages.prune import _prunable, channel_prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 48, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(48, 48, 3, padding=1, groups=48), torch.nn.ReLU(),  # depthwise: pruned with the layer before
+        torch.nn.Conv2d(48, 40, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(40, 40, 3, padding=1, groups=4), torch.nn.ReLU(),  # grouped: not timed alone
+        torch.nn.Flatten(), torch.nn.Linear(40 * 16 * 16, 36), torch.nn.ReLU(), torch.nn.Linear(36, 10),
+    ).eval()
+    example = (torch.randn(1, 3, 16, 16),)
+    chooser = WidthChooser(model, example, threads=1, folder=tmp_path)
+    ratios = {"0": 0.6, "2": 0.6, "4": 0.5, "6": 0.5, "9": 0.5}
+    exact, widths = chooser.exact(ratios)
+    layers = _prunable(model)
+    for name, (planned, chosen) in widths.items():
+        total = int(layers[name].weight.shape[0])
+        assert planned == int(total * (1 - ratios[name])), (name, planned)
+        if (name, planned) in chooser.timings:  # the widest width within the tolerance of the planned one's time
+            spent = chooser.timings[(name, planned)]
+            assert planned <= chosen <= total and chosen in spent, (name, planned, chosen)
+            assert max(w for w in spent if spent[w] <= spent[planned] * (1 + WIDTH_TOLERANCE) + 1e-5) == chosen
+    assert ("6", 20) not in chooser.timings and widths["6"] == [20, 16]  # grouped: a multiple of 8, not timed
+    assert {("0", 19), ("2", 19), ("4", 20), ("9", 18)} <= set(chooser.timings)  # depthwise and Linear are timed
+    data = Dataset({"x": np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)})
+    pruned = channel_prune(model, [InputSpec(name="x", shape=["batch", 3, 16, 16])],
+                           PruneConfig(target_speedup=2.0, round_to="measured"), data,
+                           ratio_by_layer={"0": exact["0"], "9": exact["9"]})
+    after = _prunable(pruned)
+    assert after["0"].weight.shape[0] == widths["0"][1] and after["9"].weight.shape[0] == widths["9"][1]
+
+
+def test_measured_widths_need_a_latency_budget() -> None:
+    from pydantic import ValidationError
+
+    from deploytool.recipe import PruneConfig
+
+    assert PruneConfig(target_speedup=2.0).round_to == 8 == PruneConfig().round_to
+    assert PruneConfig(target_latency_ms=1.0, round_to="measured").round_to == "measured"
+    with pytest.raises(ValidationError, match="inside a latency-budget search"):
+        PruneConfig(round_to="measured")
+
+
+def test_measured_widths_that_slow_the_whole_network_are_not_kept(specs: list[Any], calib: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer's width is measured alone, so the whole network is timed too, against the same allocation with
+    its planned widths rounded down to multiples of 8: widths that make it slower are not kept (here every width is
+    held to be slower: a tolerance below -100 %)."""
+    from deploytool.recipe import ExportConfig, PruneConfig
+    from deploytool.stages import budget as budget_module
+    from deploytool.stages.prune import LatencyContext, prune_model
+
+    monkeypatch.setattr(budget_module, "WIDTH_TOLERANCE", -1.5)
+    cfg = PruneConfig(target_speedup=1.3, scan_ratios=[0.5], round_to="measured")
+    assert cfg.allocation == "measured"
+    _, record = prune_model(_digits_cnn(), specs, cfg, calib, "classification",
+                            latency=LatencyContext(["logits"], ExportConfig(), 1, 1))
+    budget = record.budget
+    assert budget is not None and budget["allocation"] == "measured"
+    timed = [p for p in budget["points"] if "widths" in p]
+    assert timed and all(p["widths"] == "rounded" and set(p["widths_ms"]) == {"measured", "rounded"} for p in timed)
+    chosen = next(p for p in budget["points"] if p.get("chosen"))
+    if chosen.get("widths") == "rounded":
+        assert all(kept % 8 == 0 or kept >= planned for planned, kept in budget["widths"].values())
+        assert any("not kept" in n for n in record.notes)

@@ -239,11 +239,16 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path,
                     "--set", f"prune.allocation={allocation}", "--set", "verify.gates.min_speedup_vs_ort_fp32=0.01",
                     # the search, not the accuracy one distillation epoch wins back: on a busy machine the interval
                     # rule prunes more
-                    "--set", "verify.gates.max_accuracy_drop=1", "--set", "verify.gates.min_top1_agreement=0")
+                    "--set", "verify.gates.max_accuracy_drop=1", "--set", "verify.gates.min_top1_agreement=0",
+                    # the recipe sets round_to = 8; per-layer ratios can have widths measured instead
+                    *(["--set", "prune.round_to=measured"] if allocation == "measured" else []))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     budget = report["prune"]["budget"]
     assert budget["allocation"] == allocation and ("chosen_ratios" in budget) == (allocation == "measured")
+    if allocation == "measured" and budget.get("chosen_ratios"):  # each pruned layer: [planned, chosen] channels
+        assert budget["widths"] and all(len(w) == 2 and w[0] >= 1 for w in budget["widths"].values())
+        assert set(budget["width_ms"]) <= set(budget["widths"]) and "kept channels" in (out / "report.md").read_text()
     points = budget["points"]
     ratios = [p["ratio"] for p in points]
     assert ratios == sorted(ratios) and len(points) >= 2
