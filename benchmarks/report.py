@@ -66,6 +66,11 @@ def _header(result: BenchResult) -> list[str]:
     env, lat, bat = result.environment, result.latency_plan, result.batch_plan
     cpu = env["cpu"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    counts = sorted({c.threads for c in result.comparisons})
+    threads = (str(result.threads) if result.threads else
+               "each model at its recipes' `[verify] threads`, the CPU they are meant for (" +
+               ", ".join(f"{n}: {', '.join(f'`{c.entries[0].recipe.name}`' for c in result.comparisons if c.threads == n)}"
+                         for n in counts) + ")")
     return [
         "# Benchmarks: deploytool against what users would use instead",
         "",
@@ -74,8 +79,8 @@ def _header(result: BenchResult) -> list[str]:
         f"- **Date:** {result.started:%Y-%m-%d %H:%M} UTC; the whole run took {result.seconds / 60:.1f} min",
         f"- **CPU:** {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores visible), "
         f"ISA flags: {', '.join(cpu['isa']) or 'none detected'}",
-        f"- **Threads:** {result.threads} (ONNX Runtime intra-op threads via `deploytool.runners.session_options`, "
-        f"spin-waiting off; `torch.set_num_threads({result.threads})`; the recipes ran with the same torch setting)",
+        f"- **Threads:** {threads} (ONNX Runtime intra-op threads via `deploytool.runners.session_options`, "
+        "spin-waiting off, and `torch.set_num_threads`; the recipes ran with the same torch setting)",
         f"- **Versions:** {versions}",
         f"- **Latency:** deploytool's own block method (`deploytool.latency`, as in `deploytool verify`): batch 1: "
         f"up to {lat.rounds} rounds x one block of {lat.block} timed calls per variant within {lat.max_seconds:.0f} s; "
@@ -576,7 +581,8 @@ def render(result: BenchResult) -> str:
         lines += [
             f"## {comparison.title}",
             "",
-            f"Recipes: {recipes}. Quality on `{comparison.dataset}` ({comparison.samples} samples). Latency in ms is "
+            f"Recipes: {recipes}. Quality on `{comparison.dataset}` ({comparison.samples} samples). Timed at "
+            f"{comparison.threads} thread(s). Latency in ms is "
             "the median of block means; speedup = original's latency / variant's latency at batch 1, with its 95% "
             f"bootstrap interval. `{AA_VARIANT}{AA_SUFFIX}` is the A/A control: the same file in a second session, "
             "which must come out at 1.00x.",

@@ -59,6 +59,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     timings: dict[int, Timing] = field(default_factory=dict)  # by batch size: how the latency was sampled
     throughput_batch: int = 0
+    threads: int = 2  # intra-op threads every variant of this model was timed at
 
     @property
     def reference(self) -> Row:
@@ -81,7 +82,7 @@ class BenchResult:
 
     started: datetime
     environment: dict[str, Any]
-    threads: int
+    threads: int | None  # None: each model at its recipes' [verify] threads
     batch: int
     latency_plan: TimingPlan
     batch_plan: TimingPlan

@@ -4,7 +4,7 @@ and regenerate docs/benchmarks.md.
 Latency is deploytool's own block method (deploytool.latency), with an A/A control; next to it,
 what each run's verify stage reported for the same models (report.json).
 
-    python -m benchmarks.run [--recipes recipes/a.toml ...] [--out docs/benchmarks.md] [--threads 2]
+    python -m benchmarks.run [--recipes recipes/a.toml ...] [--out docs/benchmarks.md] [--threads N]
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipes", nargs="+", type=Path, help="recipes to benchmark (default: recipes/*.toml)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown file to write")
     parser.add_argument("--work-dir", type=Path, help="keep the artifacts here (default: a temporary folder)")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for ONNX Runtime and PyTorch")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for ONNX Runtime and PyTorch "
+                        "(default: each recipe's [verify] threads, the CPU it is meant for; 2 without [verify])")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput row")
     parser.add_argument("--rounds", type=int, default=30, help="most rounds at batch 1 (one block per variant each)")
     parser.add_argument("--block", type=int, default=40, help="timed calls per variant per round at batch 1")
@@ -98,14 +99,27 @@ def group_recipes(entries: Sequence[ToolchainEntry]) -> list[list[ToolchainEntry
     return list(groups.values())
 
 
-def run_toolchain(paths: Sequence[Path], work: Path, threads: int) -> tuple[list[ToolchainEntry], dict[str, str]]:
+DEFAULT_THREADS = 2
+
+
+def recipe_threads(recipe: Recipe, threads: int | None) -> int:
+    """The threads a recipe's models are timed at: --threads, else the recipe's own [verify] threads."""
+    return threads or (recipe.verify.threads if recipe.verify else DEFAULT_THREADS)
+
+
+def group_threads(group: Sequence[ToolchainEntry], threads: int | None) -> int:
+    """One thread count for all variants of a model (they are timed side by side): its recipes', the most of them."""
+    return max(recipe_threads(entry.recipe, threads) for entry in group)
+
+
+def run_toolchain(paths: Sequence[Path], work: Path, threads: int | None) -> tuple[list[ToolchainEntry], dict[str, str]]:
     """Run each recipe through deploytool; returns the runs and, by recipe path, the recipes that failed."""
     entries, failed = [], {}
     for path in paths:
         step(f"running recipe {path.name} through deploytool")
         try:
             recipe = load_recipe(path)
-            run = run_recipe_process(path.resolve(), work / "runs" / recipe.name, threads, ROOT)
+            run = run_recipe_process(path.resolve(), work / "runs" / recipe.name, recipe_threads(recipe, threads), ROOT)
         except (DeployError, RuntimeError) as exc:
             failed[relative(path)] = str(exc).strip().splitlines()[0][:300]
             step(f"  failed: {failed[relative(path)]}")
@@ -220,6 +234,8 @@ def quiet(args: argparse.Namespace) -> Quiet:
 
 def compare(group: list[ToolchainEntry], work: Path, args: argparse.Namespace) -> Comparison:
     """Baselines and deploytool rows of one original model, measured together."""
+    import torch
+
     from deploytool.stages.load import load_model
 
     recipe = group[0].recipe
@@ -228,20 +244,21 @@ def compare(group: list[ToolchainEntry], work: Path, args: argparse.Namespace) -
     model = load_model(recipe.model.factory, checkpoint, recipe.base_dir, factory_args=recipe.model.factory_args)
     step(f"building baselines for {checkpoint.name if checkpoint else recipe.model.factory}")
     folder = work / "baselines" / recipe.name
-    baselines, notes = build_baselines(recipe, model, evaluation.head(2), calibration, folder, args.threads)
+    threads = group_threads(group, args.threads)
+    torch.set_num_threads(threads)
+    baselines, notes = build_baselines(recipe, model, evaluation.head(2), calibration, folder, threads)
     variants = [*baselines]
     for entry in group:
-        variants += deploytool_variants(entry.recipe, entry.run, args.threads)
+        variants += deploytool_variants(entry.recipe, entry.run, threads)
     rows = [Row(v) for v in variants]
     measure_quality(rows, evaluation, recipe.data.task, args.batch)
     timings, throughput = measure_speed(rows, evaluation, args)
     title = f"{type(model).__name__} from `{relative(checkpoint)}`" if checkpoint else type(model).__name__
     source = relative(Path(evaluation.source)) if Path(evaluation.source).exists() else evaluation.source
-    return Comparison(title, source, len(evaluation), recipe.data.task, group, rows, notes, timings, throughput)
+    return Comparison(title, source, len(evaluation), recipe.data.task, group, rows, notes, timings, throughput, threads)
 
 
 def benchmark(args: argparse.Namespace, work: Path) -> BenchResult:
-    import torch
 
     from deploytool.hardware import cpu_info
 
@@ -249,7 +266,6 @@ def benchmark(args: argparse.Namespace, work: Path) -> BenchResult:
     paths = args.recipes or sorted((ROOT / "recipes").glob("*.toml"), key=lambda p: p.stem)
     entries, failed = run_toolchain(paths, work, args.threads)
     floor = import_floor_rss(ROOT)
-    torch.set_num_threads(args.threads)
     comparisons = [compare(group, work, args) for group in group_recipes(entries)]
     environment: dict[str, Any] = {"cpu": cpu_info(), "versions": versions()}
     return BenchResult(
