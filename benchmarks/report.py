@@ -80,7 +80,8 @@ def _header(result: BenchResult) -> list[str]:
         f"- **CPU:** {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores visible), "
         f"ISA flags: {', '.join(cpu['isa']) or 'none detected'}",
         f"- **Threads:** {threads} (ONNX Runtime intra-op threads via `deploytool.runners.session_options`, "
-        "spin-waiting off, and `torch.set_num_threads`; the recipes ran with the same torch setting)",
+        "spin-waiting off, and `torch.set_num_threads`; the recipe runs trained with 2 torch threads, or `--threads`, "
+        "and their verify stage pinned `[verify] threads`)",
         f"- **Versions:** {versions}",
         f"- **Latency:** deploytool's own block method (`deploytool.latency`, as in `deploytool verify`): batch 1: "
         f"up to {lat.rounds} rounds x one block of {lat.block} timed calls per variant within {lat.max_seconds:.0f} s; "

@@ -119,7 +119,8 @@ def run_toolchain(paths: Sequence[Path], work: Path, threads: int | None) -> tup
         step(f"running recipe {path.name} through deploytool")
         try:
             recipe = load_recipe(path)
-            run = run_recipe_process(path.resolve(), work / "runs" / recipe.name, recipe_threads(recipe, threads), ROOT)
+            # torch's threads for the run's training; its verify pins [verify] threads for every timing itself
+            run = run_recipe_process(path.resolve(), work / "runs" / recipe.name, threads or DEFAULT_THREADS, ROOT)
         except (DeployError, RuntimeError) as exc:
             failed[relative(path)] = str(exc).strip().splitlines()[0][:300]
             step(f"  failed: {failed[relative(path)]}")

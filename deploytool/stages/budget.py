@@ -252,9 +252,9 @@ class WidthChooser:
     `planned` channels of, the layer alone (its input as the model feeds it, batch of the search) is profiled at the
     planned width and at the multiples of WIDTH_STEP up to WIDTH_WINDOW above it (ONNX Runtime's kernel time of its
     nodes, as layer_latency reads it: a call's fixed overhead would hide the layer's own cost); the widest that runs
-    within WIDTH_TOLERANCE of the planned width's time is kept. Vector kernels pad channels to
-    their block, so on one CPU 24 channels cost what 32 do and 56 more than 64: such channels come for free.
-    Layers that cannot be timed alone keep the planned width rounded down to a multiple of 8."""
+    within WIDTH_TOLERANCE of the planned width's time is kept (vector kernels pad channels to their block, so a
+    width can cost what a wider one does). Layers that cannot be timed alone keep the planned width rounded down to
+    a multiple of 8. What a layer alone gains the whole network may not: search_ratio times both (docs/widths.md)."""
 
     model: torch.nn.Module
     example: tuple[Any, ...]
