@@ -13,7 +13,7 @@ from typing import Any
 from deploytool.artifacts import describe, sha256
 from deploytool.context import Inputs, RunContext
 from deploytool.data import data_source, source_hash
-from deploytool.errors import UserError
+from deploytool.errors import UserError, first_line
 from deploytool.recipe import Recipe
 
 log = logging.getLogger("deploytool")
@@ -281,12 +281,18 @@ def quantize(ctx: RunContext) -> None:
     if cfg.unpruned and ctx.unpruned is not None:
         # the original quantized as it is: would int8 alone have done what pruning was asked to?
         unpruned, alternative = ctx.unpruned, ctx.folder / "model.unpruned.int8.onnx"
-        side = ctx.cached(
-            cfg.model_dump(), {**inputs, "model": sha256(unpruned)}, [alternative],
-            lambda: quantize_onnx(unpruned, alternative, cfg, start.calibration, batch, evaluation, targets, threads,
-                                  ctx.progress).as_dict(),
-            main=False,
-        )
+        try:
+            side = ctx.cached(
+                cfg.model_dump(), {**inputs, "model": sha256(unpruned)}, [alternative],
+                lambda: quantize_onnx(unpruned, alternative, cfg, start.calibration, batch, evaluation, targets, threads,
+                                      ctx.progress).as_dict(),
+                main=False,
+            )
+        except Exception as exc:  # an alternative to compare with: its failure must not take the run's own models
+            log.exception("the unpruned int8 model could not be made")
+            alternative.unlink(missing_ok=True)
+            ctx.notes.append(f"unpruned int8: not made ({type(exc).__name__}: {first_line(exc)}); the run goes on without it")
+            return
         ctx.notes.extend(f"unpruned int8: {note}" for note in side.get("notes", []))
         ctx.details["quantization"]["unpruned"] = {k: v for k, v in side.items() if k != "notes"}
         ctx.models[UNPRUNED_INT8] = describe(alternative)
