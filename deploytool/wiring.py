@@ -354,15 +354,16 @@ def verify(ctx: RunContext) -> None:
 
 
 def decide(fragment: dict[str, Any], verdict: str, recommended: str | None) -> bool:
-    """The run's verdict, marking each gate `binding` or not. Every model the run makes is bound by its gates
-    (verdict "all"), or only the one it recommends when it recommends one (verdict "recommended"); the unpruned int8
-    alternative never is: it is measured so that it can be chosen, not promised."""
+    """The run's verdict, marking each gate `binding` or not. Under verdict "recommended" the run stands or falls
+    with the model it recommends (whichever it is); under "all", or with nothing to recommend, every model the run
+    makes is bound by its gates, and the unpruned int8 alternative is not: it is measured so that it can be chosen,
+    not promised."""
     gates: list[dict[str, Any]] = fragment["gates"]  # type: ignore[assignment]
     for gate in gates:
-        if gate["model"] == UNPRUNED_INT8:
-            gate["binding"] = False
+        if verdict == "recommended" and recommended is not None:
+            gate["binding"] = gate["model"] == recommended
         else:
-            gate["binding"] = verdict == "all" or recommended is None or gate["model"] == recommended
+            gate["binding"] = gate["model"] != UNPRUNED_INT8
     return all(g["passed"] for g in gates if g["binding"])
 
 

@@ -53,7 +53,8 @@ def test_digits_report_json_has_the_stable_keys(digits_run: tuple[CliRun, Path])
     assert report["gates"], "the recipe has gates"
     for gate in report["gates"]:
         assert {"name", "model", "value", "threshold", "passed", "default"} <= set(gate)
-        assert set(gate) <= {"name", "model", "value", "threshold", "passed", "default", "against", "interval"}
+        assert set(gate) <= {"name", "model", "value", "threshold", "passed", "default", "against", "interval", "binding"}
+        assert gate["binding"] is True  # a run without a budget: every gate of its models binds
         assert gate["passed"] is True
         if gate["name"].startswith("min_speedup"):  # speed gates pass only when the whole interval clears them
             assert gate["interval"][0] >= gate["threshold"]

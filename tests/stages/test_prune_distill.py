@@ -336,6 +336,11 @@ def test_the_verdict_rests_on_every_model_or_on_the_recommended_one() -> None:
     nothing = fragment()
     nothing["gates"][0]["passed"] = False
     assert decide(nothing, "recommended", None) is False  # nothing to ship: every model of the run is bound
+    assert [g["binding"] for g in nothing["gates"]] == [True, True, False]
+    alternative = fragment()
+    alternative["gates"][2]["passed"] = True
+    assert decide(alternative, "recommended", "unpruned_int8") is True  # shipped: its gates are the ones that bind
+    assert [g["binding"] for g in alternative["gates"]] == [False, False, True]
     report = Report.model_validate({"name": "r", "passed": True, "models": {}, "metrics": {}, "stages": [],
                                     "environment": {}, "gates": [{**g, "value": 1.0, "threshold": 1.0, "default": True}
                                                                  for g in best["gates"]]})
