@@ -276,13 +276,12 @@ def test_a_latency_budget_searches_the_ratio_by_measured_latency(tmp_path: Path,
     # the original quantized as it is: an alternative, gated against its own float export, never binding
     assert (out / "model.unpruned.int8.onnx").exists() and "unpruned" in report["quantization"]
     alternative = [g for g in report["gates"] if g["model"] == "unpruned_int8"]
-    assert alternative and not any(g["binding"] for g in alternative)
-    assert {g["against"] for g in alternative if g["name"] == "min_cosine"} <= {"unpruned_fp32"}
+    assert alternative and {g["against"] for g in alternative if g["name"] == "min_cosine"} <= {"unpruned_fp32"}
     recommended = report["recommended"]  # the fastest of the run's models that passes its gates
     assert recommended["model"] in ("fp32", "int8", "unpruned_int8") and (out / recommended["file"]).exists()
     assert all(g["passed"] for g in report["gates"] if g["model"] == recommended["model"])
     assert any(n.startswith("recommended artifact: ") for n in report["notes"])
-    # a budget run's verdict is its recommended model's ([verify] verdict = "recommended")
+    # a budget run's verdict is its recommended model's ([verify] verdict = "recommended"), the alternative included
     assert all(g["binding"] == (g["model"] == recommended["model"]) for g in report["gates"])
 
 
