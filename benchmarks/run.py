@@ -260,7 +260,6 @@ def compare(group: list[ToolchainEntry], work: Path, args: argparse.Namespace) -
 
 
 def benchmark(args: argparse.Namespace, work: Path) -> BenchResult:
-
     from deploytool.hardware import cpu_info
 
     started = datetime.now(UTC)

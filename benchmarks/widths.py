@@ -34,21 +34,16 @@ WIDTHS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 def layer_curves(threads: int, folder: Path) -> list[tuple[str, dict[int, float]]]:
     import torch
 
-    from deploytool.stages.budget import WIDTH_CALLS, WIDTH_ROUNDS, _layer_onnx, node_times
+    from deploytool.stages.budget import _layer_onnx, profile_widths
 
     curves = []
     for label, cin, kernel, size, depthwise in LAYERS:
         module = torch.nn.Conv2d(cin, cin if depthwise else 64, kernel, padding=kernel // 2, groups=cin if depthwise else 1)
         shape = (1, cin, size, size)
-        feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-        samples: dict[int, dict[str, list[float]]] = {w: {} for w in WIDTHS}
-        for w in WIDTHS:
-            _layer_onnx(module, shape, w, folder / f"{w}.onnx")
-        for _ in range(WIDTH_ROUNDS):
-            for w in WIDTHS:
-                for node, us in node_times(folder / f"{w}.onnx", feeds, threads, WIDTH_CALLS):
-                    samples[w].setdefault(node, []).append(us)
-        curves.append((label, {w: sum(float(np.median(v)) for v in nodes.values()) for w, nodes in samples.items()}))
+        paths = {w: folder / f"{w}.onnx" for w in WIDTHS}
+        for w, path in paths.items():
+            _layer_onnx(module, shape, w, path)
+        curves.append((label, {w: ms * 1000.0 for w, ms in profile_widths(paths, shape, threads).items()}))  # µs
     return curves
 
 

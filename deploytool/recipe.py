@@ -137,9 +137,14 @@ class PruneConfig(Strict):
         "measured", description="latency budget: one ratio for every layer, or per-layer ratios from each layer's measured "
         "ONNX Runtime time and its sensitivity")
 
+    @property
+    def budget(self) -> bool:
+        """Whether the ratio is searched for a latency budget (target_speedup and/or target_latency_ms)."""
+        return self.target_speedup is not None or self.target_latency_ms is not None
+
     @model_validator(mode="after")
     def _budget(self) -> PruneConfig:
-        budget = self.target_speedup is not None or self.target_latency_ms is not None
+        budget = self.budget
         if budget and self.method != "channel":
             raise ValueError("target_speedup and target_latency_ms need method = \"channel\" (only removing channels "
                              "makes ONNX Runtime faster)")
@@ -315,7 +320,7 @@ class Recipe(Strict):
             raise ValueError(f"[{'prune' if self.prune else 'distill'}] changes a PyTorch model; [model] onnx starts from an "
                              "ONNX file (use factory and checkpoint to prune or distill)")
         budget = self.prune.target_speedup if self.prune is not None else None
-        searched = self.prune is not None and (budget is not None or self.prune.target_latency_ms is not None)
+        searched = self.prune is not None and self.prune.budget
         if budget is not None and self.verify is not None and self.verify.gates.min_speedup_vs_ort_fp32 is None:
             self.verify.gates.min_speedup_vs_ort_fp32 = budget  # the budget is a promise the verdict checks
         if self.verify is not None and self.verify.verdict is None:

@@ -268,26 +268,28 @@ def quantize(ctx: RunContext) -> None:
                       min_top1_agreement=cfg.min_top1_agreement, min_snr_db=cfg.min_snr_db, min_speedup=cfg.min_speedup)
     batch, threads = cfg.calibration_batch, cfg.threads
     evaluation = start.validation or start.calibration
-    # the targets and threads are part of the [quantize] table, and so of its cache key
-    inputs = {**start.hashes, "model": sha256(fp32), "isa": ",".join(cpu_info()["isa"])}  # type: ignore[arg-type]
-    details = ctx.cached(
-        cfg.model_dump(), inputs, [int8],
-        lambda: quantize_onnx(fp32, int8, cfg, start.calibration, batch, evaluation, targets, threads, ctx.progress).as_dict(),
-    )
+    isa = ",".join(cpu_info()["isa"])  # type: ignore[arg-type]
+
+    def quantized(source: Path, target: Path, main: bool = True) -> dict[str, Any]:
+        """target from source through the stage cache (the targets and threads are part of the [quantize] table, and
+        so of its cache key): the quantization record, notes included."""
+        return ctx.cached(
+            cfg.model_dump(), {**start.hashes, "model": sha256(source), "isa": isa}, [target],
+            lambda: quantize_onnx(source, target, cfg, start.calibration, batch, evaluation, targets, threads,
+                                  ctx.progress).as_dict(),
+            main=main,
+        )
+
+    details = quantized(fp32, int8)
     ctx.notes.extend(details.get("notes", []))
     ctx.details["quantization"] = {k: v for k, v in details.items() if k != "notes"}
     ctx.models["int8"] = describe(int8)
     ctx.candidates.append(("int8", int8))
     if cfg.unpruned and ctx.unpruned is not None:
         # the original quantized as it is: would int8 alone have done what pruning was asked to?
-        unpruned, alternative = ctx.unpruned, ctx.folder / "model.unpruned.int8.onnx"
+        alternative = ctx.folder / "model.unpruned.int8.onnx"
         try:
-            side = ctx.cached(
-                cfg.model_dump(), {**inputs, "model": sha256(unpruned)}, [alternative],
-                lambda: quantize_onnx(unpruned, alternative, cfg, start.calibration, batch, evaluation, targets, threads,
-                                      ctx.progress).as_dict(),
-                main=False,
-            )
+            side = quantized(ctx.unpruned, alternative, main=False)
         except Exception as exc:  # an alternative to compare with: its failure must not take the run's own models
             log.exception("the unpruned int8 model could not be made")
             alternative.unlink(missing_ok=True)

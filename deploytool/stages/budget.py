@@ -246,6 +246,19 @@ def _layer_onnx(module: torch.nn.Module, shape: tuple[int, ...], width: int, pat
     return True
 
 
+def profile_widths(paths: dict[int, Path], shape: tuple[int, ...], threads: int) -> dict[int, float]:
+    """{width: ms per call} of one-layer models (_layer_onnx) on a random input of `shape`: ONNX Runtime's kernel time,
+    each node's median over WIDTH_ROUNDS x WIDTH_CALLS calls (robust to the odd preempted call), summed over the
+    layer's nodes. Rounds go over all the widths, so that a slow spell of the machine falls on all of them."""
+    feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    samples: dict[int, dict[str, list[float]]] = {w: {} for w in paths}
+    for _ in range(WIDTH_ROUNDS):
+        for w, path in paths.items():
+            for node, us in node_times(path, feeds, threads, WIDTH_CALLS):
+                samples[w].setdefault(node, []).append(us)
+    return {w: sum(float(np.median(v)) for v in nodes.values()) / 1000.0 for w, nodes in samples.items()}
+
+
 @dataclass
 class WidthChooser:
     """Per-layer widths from measured ONNX Runtime time (round_to = "measured"): for a layer an allocation keeps
@@ -309,14 +322,7 @@ class WidthChooser:
             self.chosen[key] = self.rounded(planned, total)
             return self.chosen[key]
         if missing:  # widths are timed once per layer: the allocations the search tries plan overlapping ones
-            feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-            samples: dict[int, dict[str, list[float]]] = {w: {} for w in missing}
-            for _ in range(WIDTH_ROUNDS):  # rounds over the widths, so that a slow spell of the machine falls on all
-                for w in missing:
-                    for node, us in node_times(paths[w], feeds, self.threads, WIDTH_CALLS):
-                        samples[w].setdefault(node, []).append(us)
-            # each node's median kernel time (robust to the odd preempted call), summed over the layer's nodes
-            known.update({w: sum(float(np.median(v)) for v in nodes.values()) / 1000.0 for w, nodes in samples.items()})
+            known.update(profile_widths(paths, shape, self.threads))
             for path in paths.values():
                 path.unlink(missing_ok=True)
         spent = {w: known[w] for w in widths}
@@ -436,7 +442,7 @@ def search_ratio(
     from deploytool.stages.export import export_onnx
     from deploytool.stages.prune import attention_layers, channel_prune, count_macs, fused_attention
 
-    if cfg.target_speedup is None and cfg.target_latency_ms is None:
+    if not cfg.budget:
         raise UserError("[prune] a latency budget needs target_speedup or target_latency_ms")
     search = BudgetSearch(cfg.target_speedup, cfg.target_latency_ms, allocation=cfg.allocation)
     probe = data.head(min(len(data), 256))

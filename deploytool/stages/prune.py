@@ -594,7 +594,7 @@ def prune_model(
     sparsity = None
     budget = None
     by_layer: dict[str, float] | None = None
-    if cfg.target_speedup is not None or cfg.target_latency_ms is not None:
+    if cfg.budget:
         from deploytool.stages.budget import search_ratio
 
         context = latency or LatencyContext(["output"], ExportConfig())
