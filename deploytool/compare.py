@@ -61,17 +61,23 @@ def _statistics(
 
 def _cosine_and_snr(ref: np.ndarray, cand: np.ndarray, result: dict[str, float | bool | list[int] | None]) -> None:
     """cosine_mean and cosine_min over samples (rows), and snr_db over every element, into `result`."""
+    _summarize(_cosines(ref, cand), float((ref**2).sum()), float(((ref - cand) ** 2).sum()), result)
+
+
+def _cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """The cosine of each sample (row); two all-zero samples are identical, one zero and one not are orthogonal."""
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     dots = (ref * cand).sum(axis=1)
-    # two all-zero samples are identical; one zero and one not are orthogonal
     both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(cand, axis=1) == 0)
-    cosine = np.where(both_zero, 1.0, dots / np.where(norms == 0, 1.0, norms))
+    return np.asarray(np.where(both_zero, 1.0, dots / np.where(norms == 0, 1.0, norms)))
+
+
+def _summarize(cosine: np.ndarray, signal: float, noise: float, result: dict[str, float | bool | list[int] | None]) -> None:
+    """cosine_mean and cosine_min of the samples' cosines, and snr_db of the summed signal and error energies."""
     if not cosine.size:  # two empty outputs (no samples, or a detector's zero boxes) agree
         cosine = np.ones(1)
     result["cosine_mean"] = float(np.nanmean(cosine)) if np.isfinite(cosine).any() else float("nan")
     result["cosine_min"] = float(np.min(cosine))
-    noise = float(((ref - cand) ** 2).sum())
-    signal = float((ref**2).sum())
     if noise == 0:
         result["snr_db"] = float("inf")
     elif signal == 0:
@@ -83,15 +89,47 @@ def _cosine_and_snr(ref: np.ndarray, cand: np.ndarray, result: dict[str, float |
 def compare_signal(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | bool | list[int] | None]:
     """The cheap part of compare_arrays (shape check, max abs error, cosine, SNR) with the same values: for the
     hundreds of intermediate tensors localisation compares, where medians and percentiles would cost the most."""
-    return _compared(reference, candidate, {"shape_match": reference.shape == candidate.shape}, _signal)
+    signal = Signal()
+    signal.add(reference, candidate)
+    return signal.result()
 
 
-def _signal(ref: np.ndarray, cand: np.ndarray,
-            result: dict[str, float | bool | list[int] | None]) -> dict[str, float | bool | list[int] | None]:
-    diff = np.abs(ref - cand)
-    result["max_abs_error"] = float(np.nanmax(diff)) if diff.size else 0.0
-    _cosine_and_snr(ref, cand, result)
-    return result
+class Signal:
+    """compare_signal over outputs that come in chunks of samples (a model run on a few samples at a time): the
+    values compare_signal gives on the chunks concatenated along the sample axis, without holding them all."""
+
+    def __init__(self) -> None:
+        self.shape_match: bool | None = None
+        self.cosines: list[np.ndarray] = []
+        self.max_abs_error = 0.0
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if self.shape_match is False:
+            return
+        self.shape_match = reference.shape == candidate.shape
+        if not self.shape_match:
+            return
+        # NaN/Inf in a candidate is an expected outcome (counted, failing outputs_valid), not a warning
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref, cand = _per_sample(reference), _per_sample(candidate)
+            diff = np.abs(ref - cand)
+            if diff.size:
+                self.max_abs_error = float(np.fmax(self.max_abs_error, np.nanmax(diff)))
+            self.cosines.append(_cosines(ref, cand))
+            self.noise += float(((ref - cand) ** 2).sum())
+            self.signal += float((ref**2).sum())
+
+    def result(self) -> dict[str, float | bool | list[int] | None]:
+        result: dict[str, float | bool | list[int] | None] = {"shape_match": bool(self.shape_match)}
+        if self.shape_match:
+            result["max_abs_error"] = self.max_abs_error
+            with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                _summarize(np.concatenate(self.cosines), self.signal, self.noise, result)
+        return result
 
 
 def within_tolerance(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> float:

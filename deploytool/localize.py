@@ -4,6 +4,10 @@ Both models are run with every intermediate float tensor they share (by name) ex
 an output; the tensors are compared in the reference's topological order. Quantized
 (QDQ) and simplified models keep the float model's tensor names, so the comparison
 lines up without any mapping.
+
+Memory stays bounded by running the tensors in groups and, for a model whose batch axis is
+free, the samples a few at a time: each group's two sessions are made once and see every
+sample, so a large model costs a few sessions, not one pair per slice of its tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from deploytool.compare import compare_signal
+from deploytool.compare import Signal
 
 _FLOAT = 1
 _DQ = "_DequantizeLinear_Output"
@@ -94,12 +98,23 @@ def _row(name: str, node: str, op: str, stats: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _free_batch(model: Any) -> bool:
+    """Whether every graph input has a batch axis of free size (the samples can be run a few at a time)."""
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return False
+    return True
+
+
 def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], min_cosine: float = 0.99,
              budget_bytes: int = 128 * 2**20) -> dict[str, Any]:
     """Per shared tensor: cosine and errors; plus the first tensor under `min_cosine` and the worst one.
 
-    Memory stays bounded whatever the number of tensors: they are exposed in groups of at most
-    `budget_bytes` (estimated, per model), each group run on its own, and only statistics are kept."""
+    Memory stays bounded whatever the number of tensors: they are exposed in groups of at most `budget_bytes`
+    (estimated, per model) and only statistics are kept. Where both models take any batch size, a group runs
+    the samples as many at a time as fit the budget (one at least); the statistics are those of all samples."""
     import onnx
 
     from deploytool.runners import OrtRunner
@@ -113,27 +128,35 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
     shared = [n for n in ref_tensors if paired[n] in cand_tensors]
     if not shared:
         return {"tensors": [], "first": None, "worst": None, "note": "the models share no intermediate tensor names"}
-    batch = len(next(iter(feeds.values()))) if feeds else 1
-    groups = _groups(shared, _sizes(ref_model, shared, batch), budget_bytes)
+    samples = len(next(iter(feeds.values()))) if feeds else 1
+    step = samples
+    if samples > 1 and _free_batch(ref_model) and _free_batch(cand_model):
+        per_sample = sum(_sizes(ref_model, shared, 1).values())
+        step = max(1, min(samples, budget_bytes // max(per_sample, 1)))
+    groups = _groups(shared, _sizes(ref_model, shared, step), budget_bytes)
+    chunks = [{k: v[start:start + step] for k, v in feeds.items()} for start in range(0, samples, step)]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="deploytool-localize-") as tmp:
         folder = Path(tmp)
         for index, group in enumerate(groups):
             ref_runner = OrtRunner("reference", _with_outputs(ref_model, group, folder, f"reference{index}"))
-            ref_out = dict(zip(ref_runner.output_names, ref_runner.infer(feeds)))
-            del ref_runner
             cand_runner = OrtRunner("candidate", _with_outputs(cand_model, [paired[n] for n in group], folder, f"candidate{index}"))
-            cand_out = dict(zip(cand_runner.output_names, cand_runner.infer(feeds)))
-            del cand_runner
+            signals = {name: Signal() for name in group}
+            for chunk in chunks:
+                ref_out = dict(zip(ref_runner.output_names, ref_runner.infer(chunk)))
+                cand_out = dict(zip(cand_runner.output_names, cand_runner.infer(chunk)))
+                for name in group:
+                    signals[name].add(ref_out.pop(name), cand_out.pop(paired[name]))
+                ref_out.clear()
+                cand_out.clear()
+            del ref_runner, cand_runner
             for name in group:
-                stats = compare_signal(ref_out.pop(name), cand_out.pop(paired[name]))
+                stats = signals[name].result()
                 if stats["shape_match"]:
                     rows.append(_row(name, *ref_tensors[name], stats))
-            ref_out.clear()
-            cand_out.clear()
             for label in (f"reference{index}", f"candidate{index}"):
                 (folder / f"{label}.onnx").unlink(missing_ok=True)
     diverging = [r for r in rows if not r["cosine_mean"] >= min_cosine]  # NaN counts as diverging
     worst = min(rows, key=lambda r: r["cosine_mean"] if np.isfinite(r["cosine_mean"]) else -2.0) if rows else None
     return {"tensors": rows, "first": diverging[0] if diverging else None, "worst": worst, "threshold": min_cosine,
-            "groups": len(groups)}
+            "groups": len(groups), "samples_per_run": step}

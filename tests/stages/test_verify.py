@@ -214,9 +214,21 @@ def test_localisation_in_groups_gives_the_same_rows_with_bounded_memory(tmp_path
     damage(tiny.onnx, damaged)
     feeds = next(val.batches(8))
     whole = localize(tiny.onnx, damaged, feeds)
-    grouped = localize(tiny.onnx, damaged, feeds, budget_bytes=1)  # every tensor in a group of its own
-    assert whole["groups"] == 1 and grouped["groups"] == len(grouped["tensors"]) > 1
-    assert grouped["tensors"] == whole["tensors"] and grouped["first"] == whole["first"]
+    # every tensor in a group of its own, and the samples run one at a time through each group's two sessions
+    grouped = localize(tiny.onnx, damaged, feeds, budget_bytes=1)
+    assert whole["groups"] == 1 and whole["samples_per_run"] == 8
+    assert grouped["groups"] == len(grouped["tensors"]) > 1 and grouped["samples_per_run"] == 1
+    assert [r["tensor"] for r in grouped["tensors"]] == [r["tensor"] for r in whole["tensors"]]
+    for one, other in zip(grouped["tensors"], whole["tensors"], strict=True):
+        for key in ("cosine_mean", "max_abs_error", "snr_db"):
+            assert one[key] == pytest.approx(other[key], rel=1e-5, abs=1e-7), (one["tensor"], key)
+    assert grouped["first"]["tensor"] == whole["first"]["tensor"]
+    # a model with a fixed batch size takes its batch whole, whatever the budget
+    fixed = onnx.load(str(tiny.onnx))
+    for value in fixed.graph.input:
+        value.type.tensor_type.shape.dim[0].dim_value = 8
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    assert localize(tmp_path / "fixed.onnx", damaged, feeds, budget_bytes=1)["samples_per_run"] == 8
 
 
 def test_nan_in_localisation_still_gives_full_metrics_and_reports(tmp_path: Path, val: Dataset) -> None:
