@@ -43,14 +43,6 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:n]
         return Dataset({k: v[:n] for k, v in self.feeds.items()}, labels, self.source)
 
-    def spread(self, n: int) -> Dataset:
-        """At most `n` samples spread evenly over the dataset (a file sorted by class keeps every class), in order."""
-        if n >= len(self):
-            return self
-        index = np.linspace(0, len(self) - 1, n).round().astype(int)
-        labels = None if self.labels is None else self.labels[index]
-        return Dataset({k: v[index] for k, v in self.feeds.items()}, labels, self.source)
-
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     # checked first: given anything else, numpy tries it as a pickle and advises allow_pickle=

@@ -34,14 +34,6 @@ def test_digits_splits(split: str, count: int) -> None:
     assert data.source == str(DIGITS / f"{split}.npz")
 
 
-def test_spread_keeps_samples_from_the_whole_dataset_in_order() -> None:
-    data = Dataset({"x": np.arange(10, dtype=np.float32)[:, None], "m": np.arange(10)[:, None]}, np.arange(10) % 2)
-    picked = data.spread(4)
-    assert picked.feeds["x"][:, 0].tolist() == [0, 3, 6, 9] and picked.feeds["m"][:, 0].tolist() == [0, 3, 6, 9]
-    assert picked.labels is not None and picked.labels.tolist() == [0, 1, 0, 1]  # both classes, like the whole file
-    assert data.spread(10) is data and data.spread(50) is data
-
-
 def test_npz_without_labels_and_with_a_custom_labels_key(tmp_path: Path) -> None:
     path = save_npz(tmp_path / "d.npz", image=images(5), target=np.arange(5))
     assert load_dataset(path, SPECS).labels is None

@@ -47,8 +47,6 @@ COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose", "Attention")
 HISTOGRAM_METHODS = ("entropy", "percentile")
 # what a transformer graph quantizes when the recipe names no op types
 TRANSFORMER_OPS = ("MatMul", "Gemm", "Conv")
-# samples of the calibration data (spread over it) that rank the nodes of the mixed-precision search by local error
-RANKING_SAMPLES = 32
 # activations held at once while calibrating (one chunk of batches): bounds calibration memory on large models
 CALIBRATION_BYTES = 512 * 2**20
 # what the dynamic candidate quantizes: ONNX Runtime's dynamic int8 kernels (MatMulInteger, DynamicQuantizeLSTM);
@@ -974,7 +972,6 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
                             "(the error is not in what int8 can speed up): kept the int8 model")
         return current
     data = quantizer.calibration if quantizer.calibration is not None else builder.judge.evaluation
-    data = data.spread(RANKING_SAMPLES)  # a ranking, not a score: more samples cost time and change little
     fixed = _fixed_batch(quantizer.source)
     with quiet(None):
         probe = replace(current, mode="static")  # a dynamic model has no Q/DQ to probe: its static twin ranks the nodes
