@@ -53,21 +53,36 @@ def _with_outputs(model: Any, names: list[str], folder: Path, label: str) -> Pat
     return path
 
 
-def _sizes(model: Any, names: list[str], batch: int) -> dict[str, int]:
-    """Estimated bytes of each tensor for a batch: inferred shapes, symbolic dimensions taken as the batch size."""
+def _sizes(model: Any, names: list[str], batch: int, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Estimated bytes of each tensor for a batch: inferred shapes. A symbolic dimension the graph inputs name
+    (a free sequence length, say) takes its size in `feeds`; the inputs' first axis and any other symbolic
+    dimension take the batch size, or the largest size the inputs' other symbolic axes take when that is more."""
     import onnx
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shape inference is only an estimate here
         inferred = model
+    named: dict[str, int] = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if feeds is None or value.name not in feeds:
+            continue
+        for axis, dim in enumerate(dims[1:], start=1):
+            if dim.dim_param and axis < feeds[value.name].ndim:
+                named[dim.dim_param] = max(named.get(dim.dim_param, 0), int(feeds[value.name].shape[axis]))
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            named[dims[0].dim_param] = batch
+    unknown = max([batch, *named.values()])
     shapes: dict[str, int] = {}
     for value in [*inferred.graph.value_info, *inferred.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if value.type.tensor_type.HasField("shape"):
             count = 1
             for dim in dims:
-                count *= dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else batch
+                count *= dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else named.get(dim.dim_param, unknown)
             shapes[value.name] = 4 * count
     known = [shapes[n] for n in names if n in shapes]
     fallback = max(known) if known else 4 * batch * 1024
@@ -131,9 +146,9 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
     samples = len(next(iter(feeds.values()))) if feeds else 1
     step = samples
     if samples > 1 and _free_batch(ref_model) and _free_batch(cand_model):
-        per_sample = sum(_sizes(ref_model, shared, 1).values())
+        per_sample = sum(_sizes(ref_model, shared, 1, feeds).values())
         step = max(1, min(samples, budget_bytes // max(per_sample, 1)))
-    groups = _groups(shared, _sizes(ref_model, shared, step), budget_bytes)
+    groups = _groups(shared, _sizes(ref_model, shared, step, feeds), budget_bytes)
     chunks = [{k: v[start:start + step] for k, v in feeds.items()} for start in range(0, samples, step)]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="deploytool-localize-") as tmp:
