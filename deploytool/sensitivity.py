@@ -76,10 +76,11 @@ class LayerError:
 
 
 def local_errors(float_model: Any, quantized: Any, dataset: Dataset, batch: int, fixed: bool, threads: int = 1,
-                 alternative: Mapping[str, np.ndarray] | None = None, op_types: Sequence[str] = COMPUTE_OPS
-                 ) -> dict[str, LayerError]:
+                 alternative: Mapping[str, np.ndarray] | None = None, op_types: Sequence[str] = COMPUTE_OPS,
+                 weights: bool = True) -> dict[str, LayerError]:
     """{node name: LayerError} for each node of `op_types` that `quantized` (made from `float_model`, same names)
-    quantizes. `alternative`: {node name: other float weights for its input 1} to score as well."""
+    quantizes. `alternative`: {node name: other float weights for its input 1} to score as well. `weights`: also
+    the error of the quantized weights alone (`LayerError.weights`); without it each node runs one twin less."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -132,7 +133,7 @@ def local_errors(float_model: Any, quantized: Any, dataset: Dataset, batch: int,
             return out
 
         full_out = twin(full, "full")
-        weights_out = twin(weights_only, "weights") if weights_only != list(node.input) else None
+        weights_out = twin(weights_only, "weights") if weights and weights_only != list(node.input) else None
         alternative_out = None
         if alternative and node.name in alternative and len(node.input) > 1:
             constant = f"{node.name}__alt"

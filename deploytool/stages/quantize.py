@@ -976,7 +976,7 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     with quiet(None):
         probe = replace(current, mode="static")  # a dynamic model has no Q/DQ to probe: its static twin ranks the nodes
         errors = local_errors(builder.models[current.graph], onnx.load(str(builder.path(probe))), data, fixed or 64,
-                              fixed is not None, builder.threads)
+                              fixed is not None, builder.threads, weights=False)  # the ranking reads the whole error only
     order = {name: i for i, (name, _) in enumerate(nodes)}
     if any(n in errors for n, _ in nodes):
         costs = {n: errors[n].noise if n in errors else 0.0 for n, _ in nodes}

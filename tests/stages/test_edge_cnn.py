@@ -350,3 +350,25 @@ def test_measured_bias_correction_also_removes_the_shift_of_input_rounding(tmp_p
     before, after_measured = mean_shift(model, q), mean_shift(model, quantized(measured, "measured"))
     after_analytic = mean_shift(model, quantized(analytic, "analytic"))
     assert after_measured < before / 3 and after_measured <= after_analytic
+
+
+def test_local_errors_without_the_weights_twin_rank_the_nodes_the_same(tmp_path: Path) -> None:
+    """Mixed precision ranks by the whole local error only: leaving out each node's weights-only twin changes
+    neither the errors nor their order, and leaves the weights' own error unmeasured."""
+    from onnxruntime.quantization import QuantType, quantize_static
+
+    from deploytool.data import CalibrationReader
+    from deploytool.sensitivity import local_errors
+
+    model = chain("Relu6")
+    data = Dataset({"x": inputs(64).feeds["x"] * 0.5 + 0.5})
+    onnx.save(model, str(tmp_path / "f.onnx"))
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), CalibrationReader(data, 16), per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    both, whole_only = local_errors(model, q, data, 64, False), local_errors(model, q, data, 64, False, weights=False)
+    assert set(both) == set(whole_only) == {"conv1", "dw", "project"}
+    for name, error in both.items():
+        assert whole_only[name].noise == pytest.approx(error.noise, rel=1e-6) and whole_only[name].weights == 0.0
+        assert error.weights > 0.0
+    assert sorted(both, key=lambda n: both[n].noise) == sorted(whole_only, key=lambda n: whole_only[n].noise)
