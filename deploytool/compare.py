@@ -106,21 +106,19 @@ class Signal:
         self.noise = 0.0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        if self.shape_match is False:
-            return
-        self.shape_match = reference.shape == candidate.shape
-        if not self.shape_match:
-            return
-        # NaN/Inf in a candidate is an expected outcome (counted, failing outputs_valid), not a warning
-        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ref, cand = _per_sample(reference), _per_sample(candidate)
-            diff = np.abs(ref - cand)
-            if diff.size:
-                self.max_abs_error = float(np.fmax(self.max_abs_error, np.nanmax(diff)))
-            self.cosines.append(_cosines(ref, cand))
-            self.noise += float(((ref - cand) ** 2).sum())
-            self.signal += float((ref**2).sum())
+        if self.shape_match is not False:
+            self.shape_match = reference.shape == candidate.shape
+            _compared(reference, candidate, {}, self._accumulate)
+
+    def _accumulate(self, ref: np.ndarray, cand: np.ndarray,
+                    result: dict[str, float | bool | list[int] | None]) -> dict[str, float | bool | list[int] | None]:
+        diff = np.abs(ref - cand)
+        if diff.size:
+            self.max_abs_error = float(np.fmax(self.max_abs_error, np.nanmax(diff)))
+        self.cosines.append(_cosines(ref, cand))
+        self.noise += float(((ref - cand) ** 2).sum())
+        self.signal += float((ref**2).sum())
+        return result
 
     def result(self) -> dict[str, float | bool | list[int] | None]:
         result: dict[str, float | bool | list[int] | None] = {"shape_match": bool(self.shape_match)}

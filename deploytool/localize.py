@@ -25,14 +25,12 @@ _FLOAT = 1
 _DQ = "_DequantizeLinear_Output"
 
 
-def _float_tensors(model: Any) -> dict[str, tuple[str, str]]:
-    """{tensor name: (node name, op type)} for node outputs known (or presumed) to be float, in node order."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
+def _float_tensors(inferred: Any) -> dict[str, tuple[str, str]]:
+    """{tensor name: (node name, op type)} for node outputs of a shape-inferred model known (or presumed) to be
+    float, in node order."""
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
     tensors: dict[str, tuple[str, str]] = {}
-    for index, node in enumerate(model.graph.node):
+    for index, node in enumerate(inferred.graph.node):
         for name in node.output:
             if name and types.get(name, _FLOAT) == _FLOAT:
                 tensors[name] = (node.name or f"{node.op_type}_{index}", node.op_type)
@@ -53,25 +51,20 @@ def _with_outputs(model: Any, names: list[str], folder: Path, label: str) -> Pat
     return path
 
 
-def _sizes(model: Any, names: list[str], batch: int, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
-    """Estimated bytes of each tensor for a batch: inferred shapes. A symbolic dimension the graph inputs name
-    (a free sequence length, say) takes its size in `feeds`; the inputs' first axis and any other symbolic
-    dimension take the batch size, or the largest size the inputs' other symbolic axes take when that is more."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is only an estimate here
-        inferred = model
+def _sizes(inferred: Any, names: list[str], batch: int, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Estimated bytes of each tensor for a batch, from a shape-inferred model. A symbolic dimension the graph
+    inputs name (a free sequence length, say) takes its size in `feeds`; the inputs' first axis and any other
+    symbolic dimension take the batch size, or the largest size the inputs' other symbolic axes take when that is
+    more."""
     named: dict[str, int] = {}
-    for value in model.graph.input:
+    for value in inferred.graph.input:
         dims = value.type.tensor_type.shape.dim
         if feeds is None or value.name not in feeds:
             continue
         for axis, dim in enumerate(dims[1:], start=1):
             if dim.dim_param and axis < feeds[value.name].ndim:
                 named[dim.dim_param] = max(named.get(dim.dim_param, 0), int(feeds[value.name].shape[axis]))
-    for value in model.graph.input:
+    for value in inferred.graph.input:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
             named[dims[0].dim_param] = batch
@@ -115,8 +108,8 @@ def _row(name: str, node: str, op: str, stats: dict[str, Any]) -> dict[str, Any]
 
 def _free_batch(model: Any) -> bool:
     """Whether every graph input has a batch axis of free size (the samples can be run a few at a time)."""
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    for value in inputs:
+    initializers = {t.name for t in model.graph.initializer}
+    for value in (i for i in model.graph.input if i.name not in initializers):
         dims = value.type.tensor_type.shape.dim
         if not dims or (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             return False
@@ -135,8 +128,9 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
     from deploytool.runners import OrtRunner
 
     ref_model, cand_model = onnx.load(str(reference)), onnx.load(str(candidate))
-    ref_tensors = _float_tensors(ref_model)
-    cand_tensors = _float_tensors(cand_model)
+    ref_inferred = onnx.shape_inference.infer_shapes(ref_model)  # read for tensor types and sizes
+    ref_tensors = _float_tensors(ref_inferred)
+    cand_tensors = _float_tensors(onnx.shape_inference.infer_shapes(cand_model))
     # in a QDQ model the value downstream nodes consume is the dequantized one (a Conv may write the
     # pre-ReLU value under the ReLU's name and leave the ReLU to the quantizer's clipping)
     paired = {n: f"{n}{_DQ}" if f"{n}{_DQ}" in cand_tensors else n for n in ref_tensors}
@@ -146,9 +140,10 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
     samples = len(next(iter(feeds.values()))) if feeds else 1
     step = samples
     if samples > 1 and _free_batch(ref_model) and _free_batch(cand_model):
-        per_sample = sum(_sizes(ref_model, shared, 1, feeds).values())
+        per_sample = sum(_sizes(ref_inferred, shared, 1, feeds).values())
         step = max(1, min(samples, budget_bytes // max(per_sample, 1)))
-    groups = _groups(shared, _sizes(ref_model, shared, step, feeds), budget_bytes)
+    groups = _groups(shared, _sizes(ref_inferred, shared, step, feeds), budget_bytes)
+    del ref_inferred  # a copy of the model, weights included: not held while the sessions run
     chunks = [{k: v[start:start + step] for k, v in feeds.items()} for start in range(0, samples, step)]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="deploytool-localize-") as tmp:

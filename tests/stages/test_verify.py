@@ -242,7 +242,7 @@ def test_localisation_sizes_tensors_by_the_free_axes_the_inputs_are_fed_with() -
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]),
                                helper.make_node("Transpose", ["y"], ["t"], perm=[0, 2, 1]),
                                helper.make_node("MatMul", ["y", "t"], ["z"])], "attention-like", [x], [z], [weight])
-    model = helper.make_model(graph)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph))
     feeds = {"x": np.zeros((8, 50, 16), np.float32)}
     sizes = _sizes(model, ["y", "t", "z"], 1, feeds)
     assert sizes["y"] == sizes["t"] == 4 * 50 * 16  # one sample of a 50-long sequence, not a 1-long one
