@@ -234,6 +234,12 @@ def weight_ranges(path: Path) -> dict[str, tuple[str, int]]:
 
 
 def test_eight_bit_weights_on_the_layers_that_need_them(mobilenet: tuple[Path, Dataset, Dataset], tmp_path: Path) -> None:
+    from deploytool.hardware import has_int8_dot_product
+
+    if not has_int8_dot_product():
+        # without VNNI, ONNX Runtime's u8 x s8 kernels saturate on 8-bit weights: they score worse than 7-bit ones
+        # there, so the premise (8 bits beat 7 on the layers that need them) does not hold on this CPU
+        pytest.skip("8-bit weights saturate on a CPU without int8 dot-product instructions")
     fp32, calibration, validation = mobilenet
     fixed = {"equalize": False, "bias_correction": False}
     quantize_onnx(fp32, tmp_path / "7.onnx", QuantizeConfig(reduce_range=True, layer_weights="uniform", **fixed), calibration)
@@ -278,9 +284,11 @@ def test_top1_agreement_is_a_label_free_target_on_all_the_samples(mobilenet: tup
     assert record.settings["scored_samples"] == len(validation)  # every sample the verify stage would gate on
     assert record.float_nodes and all("one-pass ranking" in str(n["why"]) for n in record.float_nodes)
     assert agreement_and_snr(fp32, tmp_path / "q.onnx", validation)[0] >= goal
-    # one-pass ranking and bisection: a handful of quantizations, not one per node
+    # one-pass ranking and bisection: a handful of quantizations, not one per node (plus the 8-bit weights
+    # attempt, made where 7-bit weights are the default: on a CPU without int8 dot-product instructions)
     nodes = sum(n.op_type in ("Conv", "Gemm") for n in onnx.load(str(fp32)).graph.node)
-    assert record.settings["quantizations"] <= 2 + math.ceil(math.log2(nodes))
+    wider = sum(a["search"] == "layer weights" for a in record.attempts)
+    assert record.settings["quantizations"] <= 2 + math.ceil(math.log2(nodes)) + wider
 
 
 def test_the_edge_cnn_sample_keeps_the_answers_onnxruntime_defaults_lose(mobilenet: tuple[Path, Dataset, Dataset],
