@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from deploytool.data import Dataset
+from deploytool.shapes import per_sample_bytes
 
 # activations with f(s x) = s f(x) for every s > 0, channel by channel
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
@@ -225,24 +226,6 @@ class Statistics:
             self.mean[tensor] = mean / scales.reshape(-1, *[1] * (mean.ndim - 1))
 
 
-def per_sample_bytes(model: Any, names: Iterable[str]) -> int:
-    """Estimated bytes per sample of the tensors, from inferred shapes (unknown dimensions count as 1)."""
-    import onnx
-
-    wanted = set(names)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # only an estimate
-        inferred = model
-    total = 0
-    for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        if info.name in wanted:
-            dims = [d.dim_value if d.HasField("dim_value") else 1 for d in info.type.tensor_type.shape.dim[1:]]
-            total += 4 * int(np.prod(dims)) if dims else 4
-            wanted.discard(info.name)
-    return total + 4 * 4096 * len(wanted)  # tensors of unknown shape: a guess
-
-
 def run_exposed(model: Any, names: Sequence[str], dataset: Dataset, batch: int, fixed: bool, threads: int = 1,
                 extra_bytes: int = 0) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
     """Run `model` with `names` exposed as outputs over `dataset`; yields (valid samples, {name: array}) per batch.
@@ -261,7 +244,7 @@ def run_exposed(model: Any, names: Sequence[str], dataset: Dataset, batch: int, 
         if name not in existing:
             exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     if not fixed:
-        per_sample = per_sample_bytes(model, names) + extra_bytes
+        per_sample = per_sample_bytes(model, names, dataset.feeds) + extra_bytes
         batch = max(1, min(batch, BUDGET_BYTES // max(per_sample, 1)))
     options = session_options(threads)
     session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])

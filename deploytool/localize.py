@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from deploytool.compare import Signal
+from deploytool.shapes import tensor_bytes
 
 _FLOAT = 1
 _DQ = "_DequantizeLinear_Output"
@@ -49,37 +50,6 @@ def _with_outputs(model: Any, names: list[str], folder: Path, label: str) -> Pat
     path = folder / f"{label}.onnx"
     onnx.save(exposed, str(path))
     return path
-
-
-def _sizes(inferred: Any, names: list[str], batch: int, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
-    """Estimated bytes of each tensor for a batch, from a shape-inferred model. A symbolic dimension the graph
-    inputs name (a free sequence length, say) takes its size in `feeds`; the inputs' first axis and any other
-    symbolic dimension take the batch size, or the largest size the inputs' other symbolic axes take when that is
-    more."""
-    named: dict[str, int] = {}
-    for value in inferred.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if feeds is None or value.name not in feeds:
-            continue
-        for axis, dim in enumerate(dims[1:], start=1):
-            if dim.dim_param and axis < feeds[value.name].ndim:
-                named[dim.dim_param] = max(named.get(dim.dim_param, 0), int(feeds[value.name].shape[axis]))
-    for value in inferred.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].dim_param:
-            named[dims[0].dim_param] = batch
-    unknown = max([batch, *named.values()])
-    shapes: dict[str, int] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if value.type.tensor_type.HasField("shape"):
-            count = 1
-            for dim in dims:
-                count *= dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else named.get(dim.dim_param, unknown)
-            shapes[value.name] = 4 * count
-    known = [shapes[n] for n in names if n in shapes]
-    fallback = max(known) if known else 4 * batch * 1024
-    return {n: shapes.get(n, fallback) for n in names}
 
 
 def _groups(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -140,9 +110,9 @@ def localize(reference: Path, candidate: Path, feeds: Mapping[str, np.ndarray], 
     samples = len(next(iter(feeds.values()))) if feeds else 1
     step = samples
     if samples > 1 and _free_batch(ref_model) and _free_batch(cand_model):
-        per_sample = sum(_sizes(ref_inferred, shared, 1, feeds).values())
+        per_sample = sum(tensor_bytes(ref_inferred, shared, 1, feeds).values())
         step = max(1, min(samples, budget_bytes // max(per_sample, 1)))
-    groups = _groups(shared, _sizes(ref_inferred, shared, step, feeds), budget_bytes)
+    groups = _groups(shared, tensor_bytes(ref_inferred, shared, step, feeds), budget_bytes)
     del ref_inferred  # a copy of the model, weights included: not held while the sessions run
     chunks = [{k: v[start:start + step] for k, v in feeds.items()} for start in range(0, samples, step)]
     rows: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -164,18 +164,15 @@ def _optimize_transformer(in_path: Path, out_path: Path, cfg: QuantizeConfig, no
     return "transformer: " + (", ".join(f"{k} x{v}" for k, v in sorted(fused.items())) or "nothing fused")
 
 
-def _activation_bytes(path: Path) -> int:
+def _activation_bytes(path: Path, feeds: Mapping[str, np.ndarray]) -> int:
     """Estimated bytes of every float activation of one sample (what calibration collects), from inferred shapes."""
     import onnx
 
-    from deploytool.equalize import per_sample_bytes
+    from deploytool.shapes import per_sample_bytes
 
     model = onnx.load(str(path), load_external_data=False)
     names = [o for n in model.graph.node for o in n.output]
-    try:
-        return max(1, per_sample_bytes(model, names))
-    except Exception:  # an estimate only
-        return 1
+    return per_sample_bytes(model, names, feeds)
 
 
 def _fixed_batch(path: Path) -> int | None:
@@ -311,7 +308,7 @@ class _Quantizer:
                 extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": cfg.symmetric_weights}
                 if not model.cache.exists():  # the first call calibrates; later ones reuse the cached ranges
                     fixed = _fixed_batch(model.path)
-                    per_sample = _activation_bytes(model.path)
+                    per_sample = _activation_bytes(model.path, self.calibration.feeds)
                     wanted = self.batch_size if fixed else max(1, min(self.batch_size, CALIBRATION_BYTES // per_sample))
                     batch, pad = calibration_batching(len(self.calibration), wanted, cfg.calibration_method, fixed)
                     self.calibration_batch = (batch, pad)

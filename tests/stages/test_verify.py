@@ -231,25 +231,6 @@ def test_localisation_in_groups_gives_the_same_rows_with_bounded_memory(tmp_path
     assert localize(tmp_path / "fixed.onnx", damaged, feeds, budget_bytes=1)["samples_per_run"] == 8
 
 
-def test_localisation_sizes_tensors_by_the_free_axes_the_inputs_are_fed_with() -> None:
-    from onnx import TensorProto, helper
-
-    from deploytool.localize import _sizes
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 16])
-    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
-    weight = helper.make_tensor("w", TensorProto.FLOAT, [16, 16], [0.0] * 256)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]),
-                               helper.make_node("Transpose", ["y"], ["t"], perm=[0, 2, 1]),
-                               helper.make_node("MatMul", ["y", "t"], ["z"])], "attention-like", [x], [z], [weight])
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph))
-    feeds = {"x": np.zeros((8, 50, 16), np.float32)}
-    sizes = _sizes(model, ["y", "t", "z"], 1, feeds)
-    assert sizes["y"] == sizes["t"] == 4 * 50 * 16  # one sample of a 50-long sequence, not a 1-long one
-    assert sizes["z"] == 4 * 50 * 50
-    assert _sizes(model, ["z"], 8, feeds)["z"] == 4 * 8 * 50 * 50
-
-
 def test_nan_in_localisation_still_gives_full_metrics_and_reports(tmp_path: Path, val: Dataset) -> None:
     from deploytool.stages.report import write_reports
     from deploytool.stages.verify import CandidateFile, verify_and_explain
