@@ -85,7 +85,12 @@ def flatten_outputs(result: object, names: Sequence[str] | None) -> list[torch.T
     if isinstance(result, torch.Tensor):
         outputs = [result]
     elif isinstance(result, Mapping):
-        outputs = [result[n] for n in names] if names and all(n in result for n in names) else list(result.values())
+        missing = [n for n in names or [] if n not in result]
+        if missing:  # by position would put another entry's tensor under the name
+            raise UserError(f"[model] outputs names {', '.join(map(repr, missing))}, which forward() does not return: it "
+                            f"returns a {type(result).__name__} with {', '.join(map(repr, result.keys())) or 'no entries'}",
+                            "name the entries to export in [model] outputs (--output-name on the commands)")
+        outputs = [result[n] for n in names] if names else list(result.values())
     elif isinstance(result, (tuple, list)):
         outputs = list(result)
     else:

@@ -331,7 +331,9 @@ def test_export_command_stage_failure_exits_3(cli: Cli, tmp_path: Path) -> None:
     from conftest import write_module
 
     path = write_module(tmp_path, "raising", "import torch\n\nclass M(torch.nn.Module):\n"
-                        "    def forward(self, image):\n        raise RuntimeError('cannot trace me')\n\n"
+                        "    def forward(self, image):\n"
+                        "        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():\n"
+                        "            raise RuntimeError('cannot trace me')\n        return image.flatten(1)\n\n"
                         "def build():\n    return M()\n")
     out = tmp_path / "x.onnx"
     result = cli("export", "--factory", f"{path}:build", "--input", "image:batch,1,8,8", "--output-name", "logits", "-o", out)

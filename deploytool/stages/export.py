@@ -106,13 +106,23 @@ def _as_exported(model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec]
       the named outputs, in order."""
     import torch
 
+    from deploytool.runners import flatten_outputs
+
     names = [s.name for s in specs]
     by_keyword = keyword_inputs(model, names)
     try:
         with torch.no_grad():  # not inference_mode: tensors a forward() caches lazily must stay usable for tracing
             result = model(**dict(zip(names, args))) if by_keyword else model(*args)
-    except Exception:  # the exporters meet the same failure and report it
-        result = None
+    except MemoryError:
+        raise
+    except Exception as exc:  # before any exporter: no exporter or opset can change this
+        shapes = ", ".join(f"{s.name} {list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for s, a in zip(specs, args))
+        raise UserError(f"the model's forward() fails on the declared inputs ({shapes}): "
+                        f"{type(exc).__name__}: {first_line(exc)[:200]}",
+                        "check the declared inputs ([model] inputs, or --input: names, order, shapes, dtypes) against what "
+                        "forward() expects; "
+                        "--debug shows the traceback") from exc
+    flatten_outputs(result, outputs)  # the outputs named exist (a dict's by name) and are as many as forward() returns
     select = isinstance(result, Mapping) and list(result.keys()) != list(outputs) and all(n in result for n in outputs)
     if not by_keyword and not select:
         return model

@@ -99,13 +99,50 @@ def build():
 
 
 def test_exporter_failure_is_a_stage_error_and_writes_nothing(tmp_path: Path, calib: Dataset) -> None:
-    model = _factory(tmp_path, "raising", "        raise RuntimeError('unsupported op in forward')")
+    # forward() runs in PyTorch (the first call) and fails only under the exporter
+    tracing = "torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()"
+    model = _factory(tmp_path, "raising", f"        if {tracing}:\n"
+                     "            raise RuntimeError('unsupported op in forward')\n"
+                     "        return self.fc(image.flatten(1))")
     out = tmp_path / "never.onnx"
     with pytest.raises(StageError) as info:
         export_onnx(model, image_specs(), ["logits"], ExportConfig(exporter="torchscript"), calib.head(2), out)
     assert info.value.exit_code == 3 and "export stage failed" in info.value.message
     assert "torchscript" in info.value.message and "unsupported op in forward" in info.value.message
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_forward_that_fails_on_the_declared_inputs_is_a_user_error(tmp_path: Path, calib: Dataset) -> None:
+    """The model rejects its inputs before any exporter runs: no exporter or opset can help, so the error says what
+    the inputs were and what forward() said, as a user error (exit 2)."""
+    model = _factory(tmp_path, "channels", "        if image.shape[1] != 3:\n"
+                     "            raise ValueError('expected 3 channels')\n        return self.fc(image.flatten(1))")
+    out = tmp_path / "never.onnx"
+    with pytest.raises(UserError) as info:
+        export_onnx(model, image_specs(), ["logits"], ExportConfig(), calib.head(2), out)
+    assert info.value.exit_code == 2 and "export stage failed" not in info.value.message
+    assert "image [2, 1, 8, 8] float32" in info.value.message and "ValueError: expected 3 channels" in info.value.message
+    assert "[model] inputs, or --input" in str(info.value.hint)
+    assert not out.exists()
+
+
+def test_an_output_name_a_returned_dict_lacks_is_a_user_error_not_a_positional_pick(tmp_path: Path, calib: Dataset) -> None:
+    """Picking a dict's entries by position would put another entry's tensor under the name and pass every check."""
+    model = _factory(tmp_path, "as_dict", "        y = self.fc(image.flatten(1))\n"
+                     "        return {'embedding': y, 'scores': torch.softmax(y, -1)}")
+    out = tmp_path / "never.onnx"
+    for names in (["scores", "embeddings"], ["logits"]):
+        with pytest.raises(UserError) as info:
+            export_onnx(model, image_specs(), names, ExportConfig(exporter="torchscript"), calib.head(2), out)
+        missing = names[-1]
+        assert f"names '{missing}', which forward() does not return" in info.value.message
+        assert "'embedding', 'scores'" in info.value.message
+    assert not out.exists()
+    # named entries, in the order named, are picked by name
+    export_onnx(model, image_specs(), ["scores", "embedding"], ExportConfig(exporter="torchscript"), calib.head(2), out)
+    scores, embedding = OrtRunner("dict", out).infer({"image": calib.feeds["image"][:3]})
+    np.testing.assert_allclose(scores.sum(-1), 1.0, rtol=1e-5)
+    assert embedding.shape == (3, 10)
 
 
 def test_output_count_mismatch_is_a_user_error(tmp_path: Path, calib: Dataset) -> None:
