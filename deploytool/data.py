@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -343,3 +344,65 @@ def source_hash(recipe: Recipe, value: str | None) -> str | None:
         source = inspect.getsourcefile(resolve_factory(value, recipe.base_dir, "data callable"))
         return f"{value}@{sha256(Path(source)) if source else 'unknown'}"
     return content_hash(recipe.resolve(value))
+
+
+_INDEX_PASS_THROUGH = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def index_tables(model: Any) -> dict[str, tuple[int, str]]:
+    """{integer graph input: (rows, node)} for the inputs that index a constant table (token ids into an embedding):
+    a Gather whose indices the input is, directly or through shape-only ops, and whose data is an initializer (or
+    its dequantized form). The fewest rows where an input indexes several tables."""
+    initializers = {t.name: list(t.dims) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[tuple[Any, int]]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, position))
+
+    def table_dims(name: str) -> list[int] | None:
+        node = producers.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            name = node.input[0]
+        return initializers.get(name)
+
+    found: dict[str, tuple[int, str]] = {}
+    integer = (2, 3, 4, 5, 6, 7, 12, 13)  # uint8, int8, uint16, int16, int32, int64, uint32, uint64
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers or graph_input.type.tensor_type.elem_type not in integer:
+            continue
+        frontier, seen = [graph_input.name], set()
+        while frontier:
+            tensor = frontier.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for node, position in consumers.get(tensor, []):
+                if node.op_type == "Gather" and position == 1:
+                    dims = table_dims(node.input[0])
+                    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+                    if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                        rows = int(dims[axis])
+                        if graph_input.name not in found or rows < found[graph_input.name][0]:
+                            found[graph_input.name] = (rows, node.name or node.output[0])
+                elif node.op_type in _INDEX_PASS_THROUGH and position == 0:
+                    frontier.extend(node.output)
+    return found
+
+
+def check_indices(model: Any, dataset: Dataset) -> None:
+    """A user error when data indexes past a table of the model (a token id outside its vocabulary), where ONNX
+    Runtime would fail deep inside a stage; ids from -rows to rows - 1 are what ONNX Runtime's Gather takes."""
+    for name, (rows, node) in index_tables(model).items():
+        array = dataset.feeds.get(name)
+        if array is None or array.dtype.kind not in "iu" or array.size == 0:
+            continue
+        bad = (array >= rows) | (array < -rows)
+        if bad.any():
+            sample = int(np.nonzero(bad.reshape(len(array), -1).any(axis=1))[0][0])
+            values = array[sample][bad[sample]]
+            raise UserError(
+                f"{dataset.source}: input '{name}' holds {int(values[0])} in sample {sample} "
+                f"({int(bad.sum())} value(s) out of range in all), but it indexes a table of {rows} rows "
+                f"(node '{node}'): values must lie in 0..{rows - 1}",
+                "token ids must come from the model's own vocabulary (its tokenizer)")

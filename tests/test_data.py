@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import DIGITS, image_specs, save_npz
 
@@ -251,3 +252,48 @@ def test_calibration_reader_batches_and_rewinds(calib: Dataset) -> None:
     fixed = CalibrationReader(calib.head(40), 16, pad=True)
     assert [len(fixed.get_next()["image"]) for _ in range(3)] == [16, 16, 16]  # type: ignore[index]
     assert fixed.get_next() is None
+
+
+def _embedding_model(dequantized: bool = False) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 4])
+    out = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", 4, 3])
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table_dq" if dequantized else "table", "ids"], ["hidden"], name="embedding")]
+    if dequantized:
+        table = numpy_helper.from_array(np.zeros((10, 3), np.int8), "table")
+        scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["table", "scale"], ["table_dq"]))
+        initializers = [table, scale]
+    else:
+        initializers = [numpy_helper.from_array(np.zeros((10, 3), np.float32), "table")]
+    return helper.make_model(helper.make_graph(nodes, "embedding", [ids], [out], initializers),
+                             opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_token_ids_outside_the_vocabulary_are_a_user_error_naming_the_sample(dequantized: bool) -> None:
+    from deploytool.data import check_indices, index_tables
+
+    model = _embedding_model(dequantized)
+    assert index_tables(model) == {"input_ids": (10, "embedding")}  # through the Cast, to the table's 10 rows
+    ids = np.tile(np.arange(4, dtype=np.int64), (3, 1))
+    check_indices(model, Dataset({"input_ids": ids}, None, "val.npz"))
+    check_indices(model, Dataset({"input_ids": ids - 10}, None, "val.npz"))  # ONNX Runtime's Gather takes -rows too
+    ids[2, 1] = 10
+    with pytest.raises(UserError) as info:
+        check_indices(model, Dataset({"input_ids": ids}, None, "val.npz"))
+    assert info.value.exit_code == 2
+    assert "val.npz: input 'input_ids' holds 10 in sample 2" in info.value.message and "0..9" in info.value.message
+
+
+def test_quantize_refuses_out_of_vocabulary_calibration_before_any_work(tmp_path: Path) -> None:
+    from deploytool.recipe import QuantizeConfig
+    from deploytool.stages.quantize import quantize_onnx
+
+    onnx.save(_embedding_model(), str(tmp_path / "model.onnx"))
+    calibration = Dataset({"input_ids": np.full((4, 4), 12, np.int64)}, None, "calib.npz")
+    with pytest.raises(UserError, match="calib.npz: input 'input_ids' holds 12 in sample 0"):
+        quantize_onnx(tmp_path / "model.onnx", tmp_path / "int8.onnx", QuantizeConfig(), calibration)
+    assert not (tmp_path / "int8.onnx").exists()

@@ -1115,6 +1115,7 @@ def quantize_onnx(
     asked = cfg.speed_search or (cfg.auto_mixed_precision and "auto_mixed_precision" in cfg.model_fields_set)
     if asked and evaluation is None and calibration is None:
         raise UserError("[quantize] auto_mixed_precision and speed_search need validation or calibration data to score on")
+    _check_data(in_path, [calibration, evaluation])
     with tempfile.TemporaryDirectory(prefix="deploytool-quantize-") as tmp:
         folder = Path(tmp)
         source, optimize, preprocess = in_path, "none", "skipped"
@@ -1154,6 +1155,18 @@ def quantize_onnx(
         with atomic_path(out_path) as final:
             shutil.copyfile(draft, final)
     return record
+
+
+def _check_data(path: Path, datasets: list[Dataset | None]) -> None:
+    """A user error, before any work, for data that indexes past a table of the model (token ids out of vocabulary)."""
+    import onnx
+
+    from deploytool.data import check_indices
+
+    model = onnx.load(str(path), load_external_data=False)
+    for dataset in datasets:
+        if dataset is not None:
+            check_indices(model, dataset)
 
 
 def _unambiguous_initializers(path: Path, out: Path) -> Path:

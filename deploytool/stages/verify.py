@@ -476,6 +476,9 @@ def verify_and_explain(
 ) -> dict[str, object]:
     """verify_models on ONNX files, plus what explains the verdict: session memory, where failing
     candidates diverge (pairs of name, base model, candidate model), golden outputs. A report fragment."""
+    import onnx
+
+    from deploytool.data import check_indices
     from deploytool.golden import save_golden
     from deploytool.localize import localize
     from deploytool.memory import session_peak_bytes
@@ -488,6 +491,8 @@ def verify_and_explain(
     for runner in [*runners.values(), *extras]:
         if sorted(runner.input_names) != expected:
             raise UserError(f"{runner.path}: inputs {sorted(runner.input_names)} differ from the reference's {expected}")
+    for path in dict.fromkeys([*(c.path for c in candidates), *(p for _, p in extra)]):
+        check_indices(onnx.load(str(path), load_external_data=False), dataset)  # token ids out of vocabulary
     result = verify_models(reference, chosen, dataset, task, cfg, sizes, progress, extras, ort_baseline, speed_gate)
     if golden is not None:
         save_golden(golden, dataset, reference.output_names, result.outputs[reference.name], reference.name)
