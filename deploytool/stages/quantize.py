@@ -1002,6 +1002,14 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
         record.notes.append(f"mixed precision: the targets hold only with every one of the {computed} compute nodes in "
                             "float, which leaves no int8 compute to make the model faster: kept the int8 model")
         return current
+    weighted = _weighted_nodes(builder.floats[current.graph].path)
+    if 0 < high < computed and not any(n in weighted for _, _, n, _ in ranked[high:]):
+        # what is left in int8 multiplies activations only (attention scores and context): no weight gets smaller, and
+        # the Q/DQ pairs around those products cost about what int8 saves on them
+        record.notes.append(f"mixed precision: the targets hold only with every compute node that has weights in float "
+                            f"({high} of {computed}; what is left in int8 multiplies activations only), which "
+                            "leaves no weight in int8: kept the int8 model")
+        return current
     if 0 < high < computed and builder.judge.targets.min_speedup is not None and not _keeps_speed(builder, current, best, high):
         return current
     record.float_nodes = []
@@ -1015,6 +1023,26 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
     drop = f", accuracy drop {final['accuracy_drop']:.4f}" if "accuracy_drop" in final else ""
     record.notes.append(f"mixed precision: {high} of {computed} compute nodes kept in float ({_summary(final)}{drop})")
     return best
+
+
+def _weighted_nodes(path: Path) -> set[str]:
+    """Names of the nodes that read a weight: a float initializer of at least 256 elements (as _float_weights counts
+    them), or what constant nodes make of one (a Transpose or Reshape of it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    constant = {t.name for t in model.graph.initializer} | {"", *(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)}
+    weights = {t.name for t in model.graph.initializer if t.data_type == 1 and (int(np.prod(t.dims)) if t.dims else 1) >= 256}
+    found: set[str] = set()
+    for node in model.graph.node:  # topological order: a weight's constant-only consumers make weights too
+        if not any(i in weights for i in node.input):
+            continue
+        if all(i in constant for i in node.input):
+            constant.update(node.output)
+            weights.update(node.output)
+        else:
+            found.add(node.name)
+    return found
 
 
 def _speed_search(builder: _Builder, current: _Candidate, out: Path) -> None:

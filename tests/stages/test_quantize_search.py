@@ -241,3 +241,26 @@ def test_a_search_timing_stops_once_its_choice_is_settled(digits_run: tuple[Any,
     assert unsettled.rounds == planned == judge.measure(paths, runs=150).rounds
     assert _settled(True, None) and _settled(False, True) and _settled(False, False)
     assert not _settled(None, True) and not _settled(False, None)
+
+
+def test_weighted_nodes_tell_weight_products_from_activation_products(tmp_path: Path) -> None:
+    """Mixed precision keeps the int8 model when what it would leave in int8 reads no weight (attention's
+    activation x activation products): _weighted_nodes tells those apart, weights passed through a Transpose too."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deploytool.stages.quantize import _weighted_nodes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 32])
+    y = helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)
+    weights = [numpy_helper.from_array(np.ones((32, 32), np.float32), "wq"),
+               numpy_helper.from_array(np.ones((32, 32), np.float32), "wk"),
+               numpy_helper.from_array(np.ones((4, 4), np.float32), "small")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
+             helper.make_node("Transpose", ["wk"], ["wk_t"], name="wk_transposed", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wk_t"], ["k"], name="key"),
+             helper.make_node("Transpose", ["k"], ["k_t"], name="k_transposed", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "k_t"], ["attention"], name="scores_product"),
+             helper.make_node("MatMul", ["attention", "small"], ["scores"], name="tiny")]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "attention", [x], [y], weights)), str(tmp_path / "a.onnx"))
+    assert _weighted_nodes(tmp_path / "a.onnx") == {"query", "key"}
