@@ -93,10 +93,15 @@ class RunContext:
             log.error("stage %s failed:\n%s", name, traceback.format_exc())
             if isinstance(exc, StageError) and exc.hint is None:
                 exc.hint = "the details are in run.log"
-            if isinstance(exc, DeployError) or not isinstance(exc, Exception):
+            if isinstance(exc, DeployError):
+                record["error"] = exc.message
                 raise
-            reason = first_line(exc)
-            raise StageError(name, f"{type(exc).__name__}: {reason[:300]}", "the traceback is in run.log") from exc
+            if not isinstance(exc, Exception):
+                record["error"] = f"interrupted ({type(exc).__name__})"
+                raise
+            error = StageError(name, f"{type(exc).__name__}: {first_line(exc)[:300]}", "the traceback is in run.log")
+            record["error"] = error.message
+            raise error from exc
         record["seconds"] = round(time.perf_counter() - start, 3)
         log.info("stage %s: %s in %.2fs", name, record["status"], record["seconds"])
 

@@ -37,6 +37,7 @@ class StageRecord(_Open):
     name: str
     status: Literal["done", "skipped", "cached", "failed"]
     seconds: float
+    error: str | None = None  # a failed stage: the error's one line, as the terminal shows it
 
 
 class Report(_Open):

@@ -48,7 +48,8 @@ def test_an_unexpected_exception_becomes_a_stage_error_naming_the_stage(tmp_path
     with pytest.raises(StageError, match="^boom stage failed: ValueError: bad shape$") as err:
         run_stages(ctx, (Stage("boom", broken), Stage("never", lambda ctx: pytest.fail("ran after a failure"))))
     assert err.value.exit_code == 3 and err.value.hint == "the traceback is in run.log"
-    assert ctx.stages == [{"name": "boom", "status": "failed", "seconds": ctx.stages[0]["seconds"]}]
+    assert ctx.stages == [{"name": "boom", "status": "failed", "seconds": ctx.stages[0]["seconds"],
+                           "error": "boom stage failed: ValueError: bad shape"}]  # why, for a CI job reading report.json
 
 
 def test_a_user_error_passes_through_unchanged(tmp_path: Path) -> None:

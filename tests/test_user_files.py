@@ -460,6 +460,10 @@ def test_torch_log_lines_of_a_failed_export_go_to_run_log(cli: Cli, tmp_path: Pa
     assert "always_classified" not in terminal and not re.search(r"^[EWI]\d{4} ", terminal, flags=re.M), terminal
     log = (out / "run.log").read_text(encoding="utf-8")
     assert "always_classified is unsupported" in log and "torchscript" in log
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    failed = [s for s in report["stages"] if s["status"] == "failed"]
+    assert report["passed"] is False and [s["name"] for s in failed] == ["export"]
+    assert failed[0]["error"].startswith("export stage failed: the dynamo exporter failed")  # why, without run.log
     assert json.loads((out / "report.json").read_text())["passed"] is False
 
     # each exporter on its own (through the library), then the stage command (both, one after the other)
