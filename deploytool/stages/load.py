@@ -23,6 +23,21 @@ if TYPE_CHECKING:
     import torch
 
 
+def _unknown_arguments(build: Any, args: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(keyword arguments `build` has no parameter for, the parameters it has); none unknown where it takes
+    **kwargs or its signature cannot be read."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(build).parameters.values()
+    except (TypeError, ValueError):
+        return [], []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return [], []
+    takes = [p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return [name for name in args if name not in takes], takes
+
+
 def load_model(factory: str, checkpoint: Path | None, base_dir: Path, trust: bool = False,
                factory_args: Mapping[str, Any] | None = None, notes: list[str] | None = None) -> torch.nn.Module:
     """The factory's model (called with `factory_args` as keyword arguments) with the checkpoint's weights.
@@ -33,13 +48,16 @@ def load_model(factory: str, checkpoint: Path | None, base_dir: Path, trust: boo
 
     build = resolve_factory(factory, base_dir)
     args = dict(factory_args or {})
+    unknown, takes = _unknown_arguments(build, args)
+    if unknown:
+        raise UserError(f"model factory '{factory}' does not take the factory argument(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(takes) or 'no arguments'}", "check [model] factory_args / --factory-arg")
     try:
         model = build(**args)
     except TypeError as exc:
-        if args:
-            raise UserError(f"model factory '{factory}' does not accept the factory arguments "
-                            f"{', '.join(sorted(args))}: {exc}", "check [model] factory_args / --factory-arg") from None
-        raise UserError(f"model factory '{factory}' raised TypeError: {exc}") from None
+        given = f" (called with {', '.join(sorted(args))})" if args else ""
+        raise UserError(f"model factory '{factory}' raised TypeError{given}: {exc}",
+                        "check [model] factory_args / --factory-arg" if args else None) from None
     except Exception as exc:
         raise UserError(f"model factory '{factory}' raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
