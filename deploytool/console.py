@@ -10,7 +10,7 @@ import click
 from deploytool.errors import GateFailure
 
 if TYPE_CHECKING:
-    from deploytool.report_schema import Report
+    from deploytool.report_schema import Gate, Report
 
 
 def console(stderr: bool = False) -> Any:
@@ -40,8 +40,20 @@ def exit_on_gates(report: Report) -> None:
     """A GateFailure (exit 1) naming every gate that failed, if any did."""
     failed = report.failed_gates
     if failed:
-        detail = ", ".join(f"{g.name} on {g.model} (value {g.value}, threshold {g.threshold})" for g in failed)
+        detail = ", ".join(f"{g.name} on {g.model} (value {g.value}, threshold {g.threshold}{_interval(g)})" for g in failed)
         raise GateFailure(f"{len(failed)} gate(s) failed: {detail}")
+
+
+def _interval(gate: Gate) -> str:
+    """', interval [a, b]' of a speed gate, saying 'undecided' where the interval straddles the threshold (a value
+    above the threshold that still fails: the measurement could not tell it from noise)."""
+    if not gate.interval or len(gate.interval) != 2 or gate.threshold is None:
+        return ""
+    low, high = gate.interval
+    if low is None or high is None:
+        return ""
+    undecided = low < gate.threshold <= high
+    return f", interval [{low:.3f}, {high:.3f}]" + (": undecided, within the timing noise" if undecided else "")
 
 
 def show_report(report: Report, title: str) -> None:

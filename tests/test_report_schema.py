@@ -53,3 +53,24 @@ def test_a_report_breaking_the_contract_is_refused_before_it_is_written(tmp_path
 def test_a_written_report_reads_back_as_the_typed_model(tmp_path: Path) -> None:
     write_reports(copy.deepcopy(REPORT), tmp_path)
     assert Report.model_validate(json.loads((tmp_path / "report.json").read_text())).name == "r"
+
+
+def test_a_failed_speed_gate_whose_value_clears_the_threshold_says_undecided() -> None:
+    """'value 1.04, threshold 1.0' alone reads as a contradiction: the line gives the interval and says why."""
+    from deploytool.console import exit_on_gates
+    from deploytool.errors import GateFailure
+    from deploytool.report_schema import Gate, Report
+
+    gates = [Gate(name="min_speedup_vs_fp32", model="int8", value=1.04, threshold=1.0, passed=False, default=True,
+                  interval=[0.97, 1.10]),
+             Gate(name="min_speedup_vs_fp32", model="int4", value=0.8, threshold=1.0, passed=False, default=True,
+                  interval=[0.75, 0.85]),
+             Gate(name="min_cosine", model="int8", value=0.98, threshold=0.99, passed=False, default=True)]
+    report = Report(name="r", passed=False, gates=gates, models={}, metrics={}, stages=[], environment={})
+    with pytest.raises(GateFailure) as info:
+        exit_on_gates(report)
+    message = info.value.message
+    assert "min_speedup_vs_fp32 on int8 (value 1.04, threshold 1.0, interval [0.970, 1.100]: undecided, within the timing noise)" \
+        in message
+    assert "on int4 (value 0.8, threshold 1.0, interval [0.750, 0.850])" in message
+    assert "min_cosine on int8 (value 0.98, threshold 0.99)" in message
