@@ -120,8 +120,7 @@ def _as_exported(model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec]
         raise UserError(f"the model's forward() fails on the declared inputs ({shapes}): "
                         f"{type(exc).__name__}: {first_line(exc)[:200]}",
                         "check the declared inputs ([model] inputs, or --input: names, order, shapes, dtypes) against what "
-                        "forward() expects; "
-                        "--debug shows the traceback") from exc
+                        "forward() expects; --debug shows the traceback") from exc
     flatten_outputs(result, outputs)  # the outputs named exist (a dict's by name) and are as many as forward() returns
     select = isinstance(result, Mapping) and list(result.keys()) != list(outputs) and all(n in result for n in outputs)
     if not by_keyword and not select:
