@@ -62,8 +62,11 @@ def test_dict_outputs_are_picked_by_name_and_a_wrong_count_is_a_user_error() -> 
 
     feeds = {"x": np.ones((2, 3), dtype=np.float32)}
     np.testing.assert_array_equal(TorchRunner("r", Named(), ["x"], ["second"]).infer(feeds)[0], feeds["x"] * 2)
-    with pytest.raises(UserError, match="returns 2 output"):  # a name the dict lacks: all its values, which one name cannot hold
+    # a name the dict lacks: named with the entries it holds, never another entry picked by position
+    with pytest.raises(UserError, match="names 'third', which forward\\(\\) does not return: it returns a dict with 'first', 'second'"):
         TorchRunner("r", Named(), ["x"], ["third"]).infer(feeds)
+    with pytest.raises(UserError, match="names 'third'"):  # with one right name beside it too
+        TorchRunner("r", Named(), ["x"], ["first", "third"]).infer(feeds)
     both = TorchRunner("r", Named(), ["x"], ["second", "first"]).infer(feeds)
     np.testing.assert_array_equal(both[0], feeds["x"] * 2)
     np.testing.assert_array_equal(both[1], feeds["x"] + 1)
