@@ -122,7 +122,7 @@ def _as_exported(model: torch.nn.Module, args: tuple, specs: Sequence[InputSpec]
                         "check the declared inputs ([model] inputs, or --input: names, order, shapes, dtypes) against what "
                         "forward() expects; --debug shows the traceback") from exc
     flatten_outputs(result, outputs)  # the outputs named exist (a dict's by name) and are as many as forward() returns
-    select = isinstance(result, Mapping) and list(result.keys()) != list(outputs) and all(n in result for n in outputs)
+    select = isinstance(result, Mapping) and list(result.keys()) != list(outputs)
     if not by_keyword and not select:
         return model
 

@@ -1026,13 +1026,13 @@ def _mixed_precision(builder: _Builder, current: _Candidate) -> _Candidate:
 
 
 def _weighted_nodes(path: Path) -> set[str]:
-    """Names of the nodes that read a weight: a float initializer of at least 256 elements (as _float_weights counts
-    them), or what constant nodes make of one (a Transpose or Reshape of it)."""
+    """Names of the nodes that read a weight (_is_weight, as _float_weights counts them), or what constant nodes make
+    of one (a Transpose or Reshape of it)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     constant = {t.name for t in model.graph.initializer} | {"", *(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)}
-    weights = {t.name for t in model.graph.initializer if t.data_type == 1 and (int(np.prod(t.dims)) if t.dims else 1) >= 256}
+    weights = {t.name for t in model.graph.initializer if _is_weight(t)}
     found: set[str] = set()
     for node in model.graph.node:  # topological order: a weight's constant-only consumers make weights too
         if not any(i in weights for i in node.input):
@@ -1241,19 +1241,27 @@ def _unambiguous_initializers(path: Path, out: Path) -> Path:
     return out
 
 
+def _size(tensor: Any) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def _is_weight(tensor: Any) -> bool:
+    """A float32 initializer of at least 256 elements: a weight, not a shape or a scale."""
+    return bool(tensor.data_type == 1 and _size(tensor) >= 256)
+
+
 def _float_weights(model: Any) -> dict[str, int]:
-    """{op type: float32 weight elements it reads} over initializers of at least 256 elements (weights, not
-    shapes or scales); a weight read by several node types counts for the first."""
+    """{op type: float32 weight elements it reads} over the weights (_is_weight); a weight read by several node
+    types counts for the first."""
     readers: dict[str, str] = {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, node.op_type)
     counts: dict[str, int] = {}
     for tensor in model.graph.initializer:
-        size = int(np.prod(tensor.dims)) if tensor.dims else 1
-        if tensor.data_type == 1 and size >= 256 and tensor.name in readers:
+        if _is_weight(tensor) and tensor.name in readers:
             op = readers[tensor.name]
-            counts[op] = counts.get(op, 0) + size
+            counts[op] = counts.get(op, 0) + _size(tensor)
     return counts
 
 
