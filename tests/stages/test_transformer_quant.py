@@ -193,13 +193,17 @@ def test_calibration_batches_are_sized_by_activation_bytes(tmp_path: Path, monke
 
 
 def run_sample(name: str, out: Path) -> dict[str, Any]:
-    """Run a sample recipe at its defaults; every gate but speed must pass (speed is for the benchmarks)."""
+    """Run a sample recipe at its defaults but speed; every gate but speed must pass (speed is for the benchmarks).
+
+    The speed gates are relaxed: with them at their defaults, mixed precision keeps the plain int8 model (and its
+    accuracy miss) where only that one clears the speed gate, a choice that follows timings and so differs by run."""
     import json
 
     from conftest import ROOT, invoke
 
     result = invoke("run", ROOT / "recipes" / f"{name}.toml", "--out", out, "--set", "verify.runs=20",
-                    "--set", "verify.memory=false")
+                    "--set", "verify.memory=false", "--set", "verify.gates.min_speedup_vs_fp32=0.01",
+                    "--set", "verify.gates.min_speedup=0.01")
     assert result.exit_code in (0, 1), result.output
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     failed = [g for g in report["gates"] if not g["passed"] and "speedup" not in g["name"]]
