@@ -124,9 +124,10 @@ def input_snr_db(feeds: Mapping[str, np.ndarray], rounding: Mapping[str, Roundin
     for name, rule in rounding.items():
         if name not in feeds:
             continue
-        array = feeds[name].astype(np.float64)
-        signal += float(np.sum(array**2))
-        noise += float(np.sum((array - rule.apply(feeds[name]).astype(np.float64)) ** 2))
+        array = np.asarray(feeds[name], dtype=np.float32).reshape(-1)  # float64 sums, no float64 copies
+        error = (rule.apply(feeds[name]).astype(np.float32).reshape(-1) - array)
+        signal += float(np.einsum("i,i->", array, array, dtype=np.float64))
+        noise += float(np.einsum("i,i->", error, error, dtype=np.float64))
     if signal == 0.0:
         return None
     return float("inf") if noise == 0.0 else 10.0 * float(np.log10(signal / noise))

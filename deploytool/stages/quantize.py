@@ -550,6 +550,10 @@ class _Builder:
         self.scores: dict[_Candidate, dict[str, Any]] = {}
         self.paths: dict[_Candidate, Path] = {}
         self.corrections: dict[_Candidate, list[dict[str, object]]] = {}
+        # (graph, mode, Conv node, 8-bit weights) -> the expected shift of the node's quantized output. It is local
+        # (its twin computes from float inputs, with the calibrated input scale and the node's own weights), so a
+        # candidate that differs only in which other nodes stay float or get 8 bits reuses it
+        self.shifts: dict[tuple[str, str, str, bool], np.ndarray | None] = {}
 
     def quantized_convs(self) -> list[str]:
         """Conv nodes the configuration quantizes (their weights are constants)."""
@@ -583,9 +587,19 @@ class _Builder:
             model, quantized = self.models[candidate.graph], onnx.load(str(out))
             assert self.quantizer.calibration is not None
             fixed = _fixed_batch(self.quantizer.source)
+
+            def key(node: str) -> tuple[str, str, str, bool]:
+                return candidate.graph, candidate.mode, node, node in candidate.wide
+
+            convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name]
             errors = local_errors(model, quantized, self.quantizer.calibration, fixed or 64, fixed is not None,
-                                  self.threads, op_types=("Conv",))
-            shifts = {name: error.shift for name, error in errors.items() if error.shift is not None}
+                                  self.threads, op_types=("Conv",), weights=False,
+                                  nodes={n for n in convs if key(n) not in self.shifts})
+            self.shifts.update({key(name): error.shift for name, error in errors.items()})
+            dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+            quantized_convs = {n.name for n in quantized.graph.node if n.op_type == "Conv" and dequantized & set(n.input)
+                               and n.name not in candidate.float_nodes}
+            shifts = {n: shift for n in convs if n in quantized_convs and (shift := self.shifts.get(key(n))) is not None}
             corrected, records = bias_correct(model, quantized, None, self.threads, shifts)
             float_path = save(corrected, self.folder / f"corrected-{len(self.paths)}.onnx")
             self.quantizer.quantize(out, list(candidate.float_nodes), model=_Float(float_path, source.cache),

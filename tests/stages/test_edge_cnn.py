@@ -380,3 +380,33 @@ def test_local_errors_without_the_weights_twin_rank_the_nodes_the_same(tmp_path:
         assert whole_only[name].noise == pytest.approx(error.noise, rel=1e-6) and whole_only[name].weights == 0.0
         assert error.weights > 0.0
     assert sorted(both, key=lambda n: both[n].noise) == sorted(whole_only, key=lambda n: whole_only[n].noise)
+
+
+def test_a_nodes_local_error_does_not_depend_on_which_other_nodes_are_quantized(tmp_path: Path) -> None:
+    """Bias correction reuses each node's measured shift across candidates that keep other nodes in float: that holds
+    because the twins compute from float inputs with the node's own scales. `nodes` measures only those asked for."""
+    from onnxruntime.quantization import QuantType, quantize_static
+
+    from deploytool.data import CalibrationReader
+    from deploytool.sensitivity import local_errors
+
+    model = chain("Relu6")
+    data = Dataset({"x": inputs(64).feeds["x"] * 0.5 + 0.5})
+    onnx.save(model, str(tmp_path / "f.onnx"))
+
+    def quantized(name: str, exclude: list[str]) -> onnx.ModelProto:
+        quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / f"{name}.onnx"), CalibrationReader(data, 16),
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude)
+        return onnx.load(str(tmp_path / f"{name}.onnx"))
+
+    every, partly = quantized("every", []), quantized("partly", ["dw"])
+    full = local_errors(model, every, data, 64, False, op_types=("Conv",), weights=False)
+    part = local_errors(model, partly, data, 64, False, op_types=("Conv",), weights=False)
+    assert set(full) == set(part) == {"conv1", "dw", "project"}  # dw in float still reads a rounded input here
+    for name in ("conv1", "project"):
+        error = part[name]
+        assert error.noise == pytest.approx(full[name].noise, rel=1e-5)
+        np.testing.assert_allclose(error.shift, full[name].shift, rtol=1e-5, atol=1e-7)  # type: ignore[arg-type]
+    assert set(local_errors(model, every, data, 64, False, op_types=("Conv",), nodes={"project"})) == {"project"}
+    assert local_errors(model, partly, data, 64, False, op_types=("Conv",), nodes={"absent"}) == {}
