@@ -144,7 +144,8 @@ def classification_metrics(
     reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, k: int = 5
 ) -> dict[str, float]:
     """Top-1 (and top-k) agreement with the reference and, with labels, accuracy of the candidate."""
-    metrics = {"top1_agreement": top1_agreement(reference, candidate)}
+    answers = int(reference.size // reference.shape[-1]) if reference.ndim and reference.shape[-1] else 0
+    metrics: dict[str, float] = {"top1_agreement": top1_agreement(reference, candidate), "top1_answers": answers}
     if reference.ndim >= 1 and reference.shape[-1] > k:
         # the reference's top-1 class is among the candidate's top k
         top_k = np.argsort(-candidate, axis=-1)[..., :k]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from deploytool.errors import GateFailure
+from deploytool.gates import SPEED_GATES
 
 if TYPE_CHECKING:
     from deploytool.report_schema import Gate, Report
@@ -45,15 +46,16 @@ def exit_on_gates(report: Report) -> None:
 
 
 def _interval(gate: Gate) -> str:
-    """', interval [a, b]' of a speed gate, saying 'undecided' where the interval straddles the threshold (a value
-    above the threshold that still fails: the measurement could not tell it from noise)."""
+    """', interval [a, b]' of a speed or share gate, saying 'undecided' where the interval straddles the threshold (a
+    value that fails, but that the measurement could not tell from one that passes: timing or sampling noise)."""
     if not gate.interval or len(gate.interval) != 2 or gate.threshold is None:
         return ""
     low, high = gate.interval
     if low is None or high is None:
         return ""
     undecided = low < gate.threshold <= high
-    return f", interval [{low:.3f}, {high:.3f}]" + (": undecided, within the timing noise" if undecided else "")
+    noise = "the timing noise" if gate.name in SPEED_GATES else "the sampling noise of the validation answers"
+    return f", interval [{low:.3f}, {high:.3f}]" + (f": undecided, within {noise}" if undecided else "")
 
 
 def show_report(report: Report, title: str) -> None:

@@ -54,7 +54,7 @@ class Gate:
     passed: bool
     default: bool = False
     against: str | None = None  # the model the value compares with, when it is not the reference
-    interval: list[float] | None = None  # speed gates: the ratio's confidence interval
+    interval: list[float] | None = None  # speed gates: the ratio's confidence interval; share gates: the share's
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"name": self.name, "model": self.model, "value": self.value, "threshold": self.threshold,
@@ -72,6 +72,17 @@ def judge(name: str, model: str, value: object, threshold: float, default: bool 
     ok = number is not None and not math.isnan(number) and (
         number >= threshold if HIGHER_IS_BETTER.get(name, True) else number <= threshold)
     return Gate(name, model, None if number is None or math.isnan(number) else round(number, 6), threshold, ok, default, against)
+
+
+def share_interval(share: float, count: int, z: float = 1.96) -> list[float]:
+    """The 95 % (Wilson score) interval of a share measured over `count` answers taken as independent: where it
+    holds a gate's threshold, the sample count cannot tell the measured share from one that meets the gate."""
+    if count <= 0:
+        return [0.0, 1.0]
+    factor = z * z / count
+    center = (share + factor / 2) / (1 + factor)
+    half = z * math.sqrt(max(share * (1 - share), 0.0) / count + factor / (4 * count)) / (1 + factor)
+    return [round(max(0.0, center - half), 4), round(min(1.0, center + half), 4)]
 
 
 def is_quantized(path: Path) -> bool:

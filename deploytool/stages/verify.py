@@ -26,7 +26,17 @@ from deploytool.compare import (
 )
 from deploytool.data import Dataset
 from deploytool.errors import UserError
-from deploytool.gates import ATOL_OF_RMS, DEFAULT_MIN_COSINE, SPEED_GATES, Gate, Kind, effective, is_quantized, judge
+from deploytool.gates import (
+    ATOL_OF_RMS,
+    DEFAULT_MIN_COSINE,
+    SPEED_GATES,
+    Gate,
+    Kind,
+    effective,
+    is_quantized,
+    judge,
+    share_interval,
+)
 from deploytool.latency import Measurement, Ratio, Timer, TimingPlan
 from deploytool.progress import Progress, Silent
 from deploytool.recipe import VerifyConfig
@@ -260,7 +270,11 @@ def _quality_gates(candidate: Candidate, gates: Mapping[str, float], added: set[
             continue
         against = candidate.base if name in added and candidate.base else None
         source = cast(dict[str, Any], mine.get(f"vs_{against}", {})) if against else mine
-        result.append(judge(name, candidate.name, source.get(key), gates[name], name in added, against))
+        gate = judge(name, candidate.name, source.get(key), gates[name], name in added, against)
+        answers = source.get("top1_answers") if name == "min_top1_agreement" else None
+        if gate.value is not None and isinstance(answers, int) and answers > 0:
+            gate.interval = share_interval(gate.value, answers)
+        result.append(gate)
     if "max_accuracy_drop" in gates:
         drop = None
         if "accuracy" in mine and "accuracy" in metrics[reference]:
@@ -271,6 +285,24 @@ def _quality_gates(candidate: Candidate, gates: Mapping[str, float], added: set[
     if "atol" in gates or "rtol" in gates:
         result.append(judge("within_tolerance", candidate.name, mine.get("within_tolerance"), 1.0, "atol" in added))
     return result
+
+
+def _undecided_shares(gates: Sequence[Gate]) -> list[str]:
+    """A note for each failed share gate whose interval still holds its threshold: too few answers to tell."""
+    notes = []
+    for gate in gates:
+        if gate.passed or gate.name in SPEED_GATES or not gate.interval or gate.value is None:
+            continue
+        low, high = gate.interval
+        if high < gate.threshold:
+            continue
+        # the answer count that makes the interval of this share end below the threshold (None: beyond a million)
+        needed = next((n for n in (2**k * 100 for k in range(15)) if share_interval(gate.value, n)[1] < gate.threshold), None)
+        more = f"about {needed} answers at this share would decide it" if needed else "far more answers would decide it"
+        notes.append(f"gate {gate.name} on {gate.model}: {gate.value:.4f} misses {gate.threshold} but is undecided: its 95 % "
+                     f"interval [{low:.3f}, {high:.3f}] over the validation answers holds the threshold, so the sample count "
+                     f"cannot tell it from a model that meets the gate ({more}); give more validation samples")
+    return notes
 
 
 def _speed_checks(candidate: Candidate, gates: Mapping[str, float], added: set[str], reference: str,
@@ -394,7 +426,7 @@ def verify_models(
         for c in chosen:
             if c.base is not None and c.base in outputs:
                 against = compare_outputs(names, outputs[c.base], outputs[c.name], task, None)
-                keep = ("cosine_mean", "cosine_min", "snr_db", "max_abs_error", "top1_agreement")
+                keep = ("cosine_mean", "cosine_min", "snr_db", "max_abs_error", "top1_agreement", "top1_answers")
                 result.metrics[c.name][f"vs_{c.base}"] = {k: against.get(k) for k in keep if k in against}
         timer, latency_batch = time_models(runners, dataset, cfg, progress, result.notes)
         checks = [s for c in chosen for s in _speed_checks(c, *plans[c.name], reference.name, ort_baseline)]
@@ -412,6 +444,7 @@ def verify_models(
     for c in chosen:
         result.gates.extend(_quality_gates(c, *plans[c.name], result.metrics, reference.name))
         result.gates.extend(g for g in speed if g.model == c.name)
+    result.notes.extend(_undecided_shares(result.gates))
     if "min_speedup_vs_ort_fp32" in user and (ort_baseline is None or all(c.name == ort_baseline for c in chosen)):
         result.notes.append("gate min_speedup_vs_ort_fp32 not evaluated: the original's plain ONNX Runtime fp32 export was "
                             "not timed next to another model")

@@ -250,3 +250,48 @@ def test_nan_in_localisation_still_gives_full_metrics_and_reports(tmp_path: Path
     assert written["metrics"]["nan"]["outputs_valid"] is False and written["gates"]
     assert "Verdict: FAILED" in (tmp_path / "report.html").read_text()
     assert "nan" in (tmp_path / "report.md").read_text()
+
+
+def two_class_model(path: Path, shift: float) -> Path:
+    """x (batch, 2) -> x + [shift, 0]: two logits, the first raised by `shift`."""
+    graph = helper.make_graph([helper.make_node("Add", ["x", "b"], ["logits"])], "shifted",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+                              [numpy_helper.from_array(np.array([shift, 0.0], np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("close", [1, 12])
+def test_a_failed_agreement_gate_says_whether_the_sample_count_decides_it(tmp_path: Path, close: int) -> None:
+    """One changed answer in 64 fails top-1 agreement 0.99, but its interval holds 0.99: the gate says it is undecided
+    and how many answers would decide it; 12 changed answers in 64 are decided."""
+    import json
+
+    from conftest import invoke
+
+    from deploytool.gates import share_interval
+
+    x = np.tile(np.array([[0.0, 1.0]], np.float32), (64, 1))
+    x[:close] = [0.95, 1.0]  # these samples change class when the first logit is raised by 0.1
+    np.savez(tmp_path / "val.npz", x=x)
+    reference, candidate = two_class_model(tmp_path / "ref.onnx", 0.0), two_class_model(tmp_path / "cand.onnx", 0.1)
+    result = invoke("verify", reference, candidate, "--data", tmp_path / "val.npz", "--task", "classification",
+                    "--no-default-gates", "--gate", "min_top1_agreement=0.99", "--runs", "2", "--no-memory",
+                    "--json", tmp_path / "v.json")
+    assert result.exit_code == 1, result.output
+    gate = next(g for g in json.loads((tmp_path / "v.json").read_text())["gates"] if g["name"] == "min_top1_agreement")
+    assert gate["value"] == pytest.approx(1 - close / 64) and gate["interval"] == share_interval(1 - close / 64, 64)
+    undecided = gate["interval"][1] >= 0.99
+    assert undecided == (close == 1)
+    assert ("undecided, within the sampling noise" in result.stderr) == undecided
+    assert ("answers at this share would decide it" in result.output) == undecided
+
+
+def test_share_interval_is_the_wilson_interval() -> None:
+    from deploytool.gates import share_interval
+
+    assert share_interval(63 / 64, 64) == pytest.approx([0.9167, 0.9972], abs=1e-4)
+    assert share_interval(1.0, 64)[1] == 1.0 and share_interval(0.0, 10)[0] == 0.0
+    low, high = share_interval(0.99, 10_000)
+    assert 0.987 < low < 0.99 < high < 0.993
