@@ -44,3 +44,23 @@ def test_zoo_subset_runs_and_reports(tmp_path: Path) -> None:
     for name in names:
         assert f"`{name}`" in text
     assert "## Targets" in text and "int8/fp32" in text
+
+
+def test_the_report_separates_failures_the_measurement_left_undecided() -> None:
+    from benchmarks.zoo.run import Result, _undecided_only
+
+    entry = ZOO[0]
+
+    def run(*gates: dict) -> Result:
+        return Result(entry, 1, 1.0, 0, {"gates": [{"name": "min_cosine", "passed": True}, *gates]}, "")
+
+    straddles = {"name": "min_top1_agreement", "model": "int8", "passed": False, "value": 0.984, "threshold": 0.99,
+                 "interval": [0.917, 0.997]}
+    below = {"name": "min_speedup_vs_fp32", "model": "int8", "passed": False, "value": 0.9, "threshold": 1.0,
+             "interval": [0.85, 0.95]}
+    no_interval = {"name": "min_cosine", "model": "int8", "passed": False, "value": 0.95, "threshold": 0.99}
+    assert _undecided_only(run(straddles))
+    assert not _undecided_only(run(straddles, below)) and not _undecided_only(run(no_interval))
+    assert not _undecided_only(Result(entry, 0, 1.0, 0, {"gates": []}, ""))
+    text = render([run(straddles), run(below)], {"cpu": "test CPU", "cores": 2, "isa": []}, 1.0, 64, 64)
+    assert "1 fail only gates that their measurement leaves undecided" in text

@@ -305,6 +305,11 @@ def render(results: Sequence[Result], machine: dict[str, Any], seconds: float, s
     load = (f" Other processes took {100 * sum(shares) / len(shares):.0f} % of the machine's CPU on average while the "
             "models ran (this machine is shared): wall times grow with that share, memory and accuracy do not.") if shares else ""
     lines += [f"**{len(passed)} of {len(results)} models pass ({rate:.0%})**; the zoo took {seconds / 60:.1f} minutes.{load}", ""]
+    undecided = [r.entry.name for r in results if _undecided_only(r)]
+    if undecided:
+        lines += [f"Of those that fail, {len(undecided)} fail only gates that their measurement leaves undecided (the "
+                  f"interval of the speedup, or of the top-1 agreement over the {samples} samples, holds the threshold): "
+                  f"{', '.join(f'`{n}`' for n in undecided)}. They fail as the gates say; more runs or samples decide them.", ""]
     header = ["model", "architecture", "exporter", "nodes exported → simplified", "int8 cosine", "int8 top-1",
               "fp32 on int8-rounded input: cosine / top-1", "int8/fp32 [95 % CI]", "peak RSS (during)",
               "load / export / simplify / quantize / verify (s)", "exit", "verdict"]
@@ -335,6 +340,20 @@ def render(results: Sequence[Result], machine: dict[str, Any], seconds: float, s
     if notes:
         lines += ["", "## Notes of the runs", ""] + [f"- `{name}`: {note}" for name, note in notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _undecided_only(result: Result) -> bool:
+    """Whether every gate the run failed has an interval that holds its threshold."""
+    if result.returncode != 1 or not result.report:
+        return False
+    failed = [g for g in result.report["gates"] if not g["passed"]]
+
+    def undecided(gate: dict[str, Any]) -> bool:
+        ci, threshold = gate.get("interval"), gate.get("threshold")
+        return (isinstance(ci, list) and len(ci) == 2 and None not in ci and isinstance(threshold, (int, float))
+                and ci[0] < threshold <= ci[1])
+
+    return bool(failed) and all(undecided(g) for g in failed)
 
 
 def _targets(results: Sequence[Result], seconds: float) -> list[str]:
