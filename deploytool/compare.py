@@ -152,6 +152,10 @@ def classification_metrics(
         metrics[f"top{k}_agreement"] = float((top_k == reference.argmax(-1)[..., None]).any(-1).mean())
     if labels is not None:
         metrics["accuracy"] = accuracy(candidate, labels)
+        truth, mine, theirs = labels.reshape(-1), candidate.argmax(-1).reshape(-1), reference.argmax(-1).reshape(-1)
+        if mine.shape == truth.shape == theirs.shape:  # the paired counts behind an accuracy drop against the reference
+            metrics["answers_lost"] = int(((theirs == truth) & (mine != truth)).sum())
+            metrics["answers_gained"] = int(((theirs != truth) & (mine == truth)).sum())
     return metrics
 
 

@@ -85,6 +85,17 @@ def share_interval(share: float, count: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, center - half), 4), round(min(1.0, center + half), 4)]
 
 
+def drop_interval(lost: int, gained: int, count: int) -> list[float]:
+    """The 95 % interval of an accuracy drop measured on `count` paired answers, `lost` right before and wrong now,
+    `gained` the reverse: the share of the changed answers that were lost (a Wilson interval, given how many changed)
+    scaled to the drop. No changed answer: exactly no drop."""
+    changed = lost + gained
+    if changed == 0 or count <= 0:
+        return [0.0, 0.0]
+    low, high = share_interval(lost / changed, changed)
+    return [round(changed / count * (2 * low - 1), 4), round(changed / count * (2 * high - 1), 4)]
+
+
 def is_quantized(path: Path) -> bool:
     """Whether an ONNX file holds quantized operators (QDQ pairs, QLinear*/integer ops)."""
     import onnx

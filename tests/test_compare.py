@@ -107,7 +107,7 @@ def test_classification_metrics_and_accuracy() -> None:
     cand = ref[[0, 1, 3, 3]]  # predicts 0, 1, 3, 3
     labels = np.array([0, 1, 2, 0])
     metrics = classification_metrics(ref, cand, labels)
-    assert metrics == {"top1_agreement": 0.75, "top1_answers": 4, "accuracy": 0.5}
+    assert metrics == {"top1_agreement": 0.75, "top1_answers": 4, "accuracy": 0.5, "answers_lost": 1, "answers_gained": 0}
     assert classification_metrics(ref, cand, None) == {"top1_agreement": 0.75, "top1_answers": 4}
     tokens = np.zeros((2, 5, 4), np.float32)  # one answer per token: 10
     assert classification_metrics(tokens, tokens, None)["top1_answers"] == 10

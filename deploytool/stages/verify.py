@@ -29,9 +29,11 @@ from deploytool.errors import UserError
 from deploytool.gates import (
     ATOL_OF_RMS,
     DEFAULT_MIN_COSINE,
+    HIGHER_IS_BETTER,
     SPEED_GATES,
     Gate,
     Kind,
+    drop_interval,
     effective,
     is_quantized,
     judge,
@@ -279,7 +281,11 @@ def _quality_gates(candidate: Candidate, gates: Mapping[str, float], added: set[
         drop = None
         if "accuracy" in mine and "accuracy" in metrics[reference]:
             drop = float(metrics[reference]["accuracy"]) - float(mine["accuracy"])  # type: ignore[arg-type]
-        result.append(judge("max_accuracy_drop", candidate.name, drop, gates["max_accuracy_drop"], "max_accuracy_drop" in added))
+        gate = judge("max_accuracy_drop", candidate.name, drop, gates["max_accuracy_drop"], "max_accuracy_drop" in added)
+        lost, gained, answers = mine.get("answers_lost"), mine.get("answers_gained"), mine.get("top1_answers")
+        if gate.value is not None and isinstance(lost, int) and isinstance(gained, int) and isinstance(answers, int):
+            gate.interval = drop_interval(lost, gained, answers)
+        result.append(gate)
     if "max_size_ratio" in gates:
         result.append(judge("max_size_ratio", candidate.name, mine.get("size_ratio"), gates["max_size_ratio"]))
     if "atol" in gates or "rtol" in gates:
@@ -294,11 +300,12 @@ def _undecided_shares(gates: Sequence[Gate]) -> list[str]:
         if gate.passed or gate.name in SPEED_GATES or not gate.interval or gate.value is None:
             continue
         low, high = gate.interval
-        if high < gate.threshold:
-            continue
-        # the answer count that makes the interval of this share end below the threshold (None: beyond a million)
-        needed = next((n for n in (2**k * 100 for k in range(15)) if share_interval(gate.value, n)[1] < gate.threshold), None)
-        more = f"about {needed} answers at this share would decide it" if needed else "far more answers would decide it"
+        if (high < gate.threshold) if HIGHER_IS_BETTER.get(gate.name, True) else (low > gate.threshold):
+            continue  # decided against the model
+        more = "more answers would decide it"
+        if gate.name == "min_top1_agreement":  # the answer count that ends the interval of this share below the threshold
+            needed = next((n for n in (2**k * 100 for k in range(15)) if share_interval(gate.value, n)[1] < gate.threshold), None)
+            more = f"about {needed} answers at this share would decide it" if needed else "far more answers would decide it"
         notes.append(f"gate {gate.name} on {gate.model}: {gate.value:.4f} misses {gate.threshold} but is undecided: its 95 % "
                      f"interval [{low:.3f}, {high:.3f}] over the validation answers holds the threshold, so the sample count "
                      f"cannot tell it from a model that meets the gate ({more}); give more validation samples")

@@ -264,34 +264,41 @@ def two_class_model(path: Path, shift: float) -> Path:
 
 @pytest.mark.parametrize("close", [1, 12])
 def test_a_failed_agreement_gate_says_whether_the_sample_count_decides_it(tmp_path: Path, close: int) -> None:
-    """One changed answer in 64 fails top-1 agreement 0.99, but its interval holds 0.99: the gate says it is undecided
-    and how many answers would decide it; 12 changed answers in 64 are decided."""
+    """One changed answer in 64 fails top-1 agreement 0.99 (and, lost against the labels, an accuracy drop of 0.01), but
+    the intervals hold the thresholds: the gates say they are undecided and how many answers would decide top-1
+    agreement; 12 changed answers in 64 are decided."""
     import json
 
     from conftest import invoke
 
-    from deploytool.gates import share_interval
+    from deploytool.gates import drop_interval, share_interval
 
     x = np.tile(np.array([[0.0, 1.0]], np.float32), (64, 1))
     x[:close] = [0.95, 1.0]  # these samples change class when the first logit is raised by 0.1
-    np.savez(tmp_path / "val.npz", x=x)
+    np.savez(tmp_path / "val.npz", x=x, labels=np.ones(64, np.int64))  # the reference answers every sample right
     reference, candidate = two_class_model(tmp_path / "ref.onnx", 0.0), two_class_model(tmp_path / "cand.onnx", 0.1)
     result = invoke("verify", reference, candidate, "--data", tmp_path / "val.npz", "--task", "classification",
-                    "--no-default-gates", "--gate", "min_top1_agreement=0.99", "--runs", "2", "--no-memory",
-                    "--json", tmp_path / "v.json")
+                    "--no-default-gates", "--gate", "min_top1_agreement=0.99", "--gate", "max_accuracy_drop=0.01",
+                    "--runs", "2", "--no-memory", "--json", tmp_path / "v.json")
     assert result.exit_code == 1, result.output
-    gate = next(g for g in json.loads((tmp_path / "v.json").read_text())["gates"] if g["name"] == "min_top1_agreement")
+    report = json.loads((tmp_path / "v.json").read_text())
+    gate, drop = (next(g for g in report["gates"] if g["name"] == name) for name in ("min_top1_agreement", "max_accuracy_drop"))
     assert gate["value"] == pytest.approx(1 - close / 64) and gate["interval"] == share_interval(1 - close / 64, 64)
+    assert report["metrics"]["cand"]["answers_lost"] == close and report["metrics"]["cand"]["answers_gained"] == 0
+    assert drop["value"] == pytest.approx(close / 64) and drop["interval"] == drop_interval(close, 0, 64)
     undecided = gate["interval"][1] >= 0.99
-    assert undecided == (close == 1)
-    assert ("undecided, within the sampling noise" in result.stderr) == undecided
+    assert undecided == (close == 1) == (drop["interval"][0] < 0.01)
+    assert result.stderr.count("undecided, within the sampling noise") == (2 if undecided else 0)
     assert ("answers at this share would decide it" in result.output) == undecided
 
 
-def test_share_interval_is_the_wilson_interval() -> None:
-    from deploytool.gates import share_interval
+def test_share_and_drop_intervals() -> None:
+    from deploytool.gates import drop_interval, share_interval
 
     assert share_interval(63 / 64, 64) == pytest.approx([0.9167, 0.9972], abs=1e-4)
     assert share_interval(1.0, 64)[1] == 1.0 and share_interval(0.0, 10)[0] == 0.0
     low, high = share_interval(0.99, 10_000)
     assert 0.987 < low < 0.99 < high < 0.993
+    assert drop_interval(0, 0, 64) == [0.0, 0.0]
+    low, high = drop_interval(3, 1, 100)  # 2 of 100 net lost, of 4 that changed
+    assert low < 0.0 < 0.02 < high <= 0.04
