@@ -224,18 +224,21 @@ def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path: Path) 
 # interrupts and concurrent runs
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    """A run in a process of its own, slow in its verify stage; SIGINT is not ignored in it, whatever the parent does."""
+def _start(args: list[str], cwd: Path, busy: Path) -> subprocess.Popen:
+    """A run in a process of its own, slow in its verify stage (it writes `busy` as its slow forward begins); SIGINT is
+    not ignored in it, whatever the parent does."""
     return subprocess.Popen([sys.executable, "-m", "deploytool", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "SLOW_FORWARD": "60"},
+                            text=True, env={**os.environ, "SLOW_FORWARD": "60", "SLOW_BUSY": str(busy)},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for(log: Path, text: str, count: int, process: subprocess.Popen) -> None:
+def _wait_for(busy: Path, process: subprocess.Popen) -> None:
+    """Until the run is inside its verify stage's slow forward (a signal that lands while a stage still imports its
+    modules tests the import, not the verification)."""
     deadline = time.monotonic() + 180
-    while not log.is_file() or log.read_text(encoding="utf-8", errors="replace").count(text) < count:
+    while not busy.is_file():
         assert process.poll() is None, f"the run ended before it could be interrupted: {process.communicate()}"
-        assert time.monotonic() < deadline, f"{text!r} never appeared in {log}"
+        assert time.monotonic() < deadline, f"the run never reached its slow verify forward ({busy})"
         time.sleep(0.05)
 
 
@@ -249,6 +252,8 @@ import time
 class SlowCNN(TinyCNN):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if os.environ.get("SLOW_FORWARD") and image.shape[0] > 2 and not torch.jit.is_tracing():
+            if os.environ.get("SLOW_BUSY"):
+                open(os.environ["SLOW_BUSY"], "w").close()
             time.sleep(float(os.environ["SLOW_FORWARD"]))
         return super().forward(image)
 
@@ -266,8 +271,9 @@ def test_sigterm_and_sigint_exit_143_and_130_and_the_run_resumes(cli: Cli, tmp_p
     out = tmp_path / "run"
     args = ["run", str(recipe), "--out", str(out), *FAST]
 
-    first = _start(args, tmp_path)
-    _wait_for(out / "run.log", "stage verify: start", 1, first)
+    first = _start(args, tmp_path, tmp_path / "busy-1")
+    _wait_for(tmp_path / "busy-1", first)
+    assert (out / "run.log").read_text().count("stage verify: start") == 1
     # meanwhile, a second run into the same folder is refused and names the holder; it changes nothing
     before = snapshot(out)
     assert_user_error(cli(*args), f"run folder {out} is in use by another deploytool run (pid {first.pid})")
@@ -282,8 +288,9 @@ def test_sigterm_and_sigint_exit_143_and_130_and_the_run_resumes(cli: Cli, tmp_p
 
     (out / "notes.txt").write_text("written while the run was stopped")  # kept by the resumed runs
 
-    second = _start(args, tmp_path)  # the same command resumes it
-    _wait_for(out / "run.log", "stage verify: start", 2, second)
+    second = _start(args, tmp_path, tmp_path / "busy-2")  # the same command resumes it
+    _wait_for(tmp_path / "busy-2", second)
+    assert (out / "run.log").read_text().count("stage verify: start") == 2
     second.send_signal(signal.SIGINT)
     _, stderr = second.communicate(timeout=60)
     assert second.returncode == 130, stderr
